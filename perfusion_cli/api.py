@@ -1,0 +1,328 @@
+"""The library API: what the CLI calls, usable from Python without it.
+
+    from perfusion_cli import api
+    entry = api.train("./photos", name="mycat", supercategory="cat", model="toyworld")
+    written = api.render(["mycat on a beach"], out="renders", gates={"mycat": api.Gate(0.7, 0.15)})
+
+    applied = api.apply(pipe, ["mycat"])          # any diffusers pipeline you loaded yourself
+    image = applied("mycat on a beach", num_inference_steps=30).images[0]
+    applied.remove()                              # the pipeline is exactly as before
+
+Messages for the user go to `on_event(str)`, progress to `progress(...)`; nothing is printed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import concept as concept_io
+from . import covariance as cov_mod
+from . import models
+from .concept import Concept, ConceptSet
+from .errors import PerfusionError
+from .images import load_photos
+from .registry import Entry, Registry, validate_name
+from .render import Applied, Gate, RenderSettings, Written, plan, render_jobs
+from .text import check_concept_word, check_supercategory, find_concepts
+from .train import Progress, Trainer, TrainConfig
+
+Events = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# -- concepts by name or path ----------------------------------------------------------------
+
+def load_concept_set(name_or_path: str | Path, registry: Registry | None = None) -> tuple[ConceptSet, Path]:
+    """A registry name ("mycat") or a path to a .safetensors concept file."""
+    p = Path(name_or_path)
+    if p.suffix == ".safetensors" or p.exists():
+        return concept_io.load(p), p
+    entry = (registry or Registry()).get(str(name_or_path))
+    if entry.error:
+        raise PerfusionError(f"concept {entry.name!r} is damaged ({entry.error}); `perfusion rm {entry.name}` it")
+    return concept_io.load(entry.path), entry.path
+
+
+def apply(pipe, concepts: list[str | Path | Concept], gates: dict[str, Gate] | None = None,
+          exact: bool = True, global_lock: bool = False, check_model: bool = True,
+          registry: Registry | None = None) -> Applied:
+    """Apply concepts (registry names, file paths, or Concept objects) to a loaded diffusers pipeline.
+
+    The covariance is the one perfusion uses for that pipeline's text encoder (bundled, cached or
+    estimated once). With check_model, a concept trained on another base model is refused.
+    """
+    members: list[Concept] = []
+    model_fp = models.model_fingerprint(pipe) if check_model else None
+    for c in concepts:
+        if isinstance(c, Concept):
+            members.append(c)
+            continue
+        cs, path = load_concept_set(c, registry)
+        if check_model and cs.base_model.get("fingerprint") != model_fp:
+            raise PerfusionError(
+                f"concept {cs.name!r} was trained on {cs.base_model.get('id')} (fingerprint "
+                f"{cs.base_model.get('fingerprint')}), not on this pipeline ({model_fp})"
+            )
+        members.extend(cs.concepts)
+    base = models.BaseModel(pipe=pipe, id="pipeline", profile=models.profile_for_text_encoder(pipe)
+                            or models._generic_profile(pipe), device=pipe.device, dtype=pipe.unet.dtype)
+    C = cov_mod.for_model(base, registry).C
+    return Applied(pipe, members, C, gates=gates, exact=exact, global_lock=global_lock)
+
+
+# -- train ------------------------------------------------------------------------------------
+
+def train(
+    images: str | Path,
+    name: str,
+    supercategory: str,
+    model: str = models.DEFAULT_MODEL,
+    device: str = "auto",
+    dtype: str = "auto",
+    config: TrainConfig | None = None,
+    force: bool = False,
+    fp32: bool = False,
+    resume: bool = False,
+    registry: Registry | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    on_event: Events = _quiet,
+) -> Entry:
+    """Train a concept from a folder of photos and store it in the registry under `name`."""
+    reg = registry or Registry()
+    cfg = config or TrainConfig()
+    validate_name(name)
+    if not force and (reg.user_path(name).exists() or reg.bundled_path(name).exists()):
+        raise PerfusionError(f"concept {name!r} already exists; use --force to overwrite or choose another --name")
+    from .train import check_config
+
+    check_config(cfg)
+    _, prof, _ = models.resolve(model)
+    photos = load_photos(images, prof.resolution) if prof else None  # fail fast, before loading a model
+    on_event(f"loading base model {model}")
+    base = models.load(model, device=device, dtype=dtype)
+    if photos is None:
+        photos = load_photos(images, base.resolution)
+    for s in photos.skipped:
+        on_event(f"warning: skipped unreadable image {s}")
+    on_event(f"{len(photos.paths)} photos at {base.resolution}px")
+    supercategory = check_supercategory(base.pipe, supercategory)
+    check_concept_word(base.pipe, name)
+    on_event("text-encoder covariance: looking up")
+    cov = cov_mod.for_model(base, reg)
+    on_event(f"text-encoder covariance: {cov.source}")
+    trainer = Trainer(base, name, supercategory, _inverse(cov.C), cfg)
+    workdir = reg.root / "runs" / name
+
+    validate = None
+    if cfg.validate_every:
+        validate = _validator(base, name, supercategory, cov.C, workdir, on_event)
+    concept = trainer.fit(photos, progress=progress, workdir=workdir, resume=resume, validate=validate)
+    cs = ConceptSet(
+        name=name, concepts=[concept],
+        base_model={"id": base.id, "fingerprint": base.fingerprint, "family": base.family},
+        covariance=cov.info,
+    )
+    entry = reg.put(name, concept_io.to_bytes(cs, torch.float32 if fp32 else torch.float16), force=force)
+    (workdir / "checkpoint.safetensors").unlink(missing_ok=True)
+    return entry
+
+
+def _inverse(C):
+    from .edit import inverse_covariance
+
+    return inverse_covariance(C)
+
+
+def _validator(base, name, supercategory, C, workdir: Path, on_event: Events):
+    from .render import png_bytes, write_atomic
+
+    prompts = [f"a {name}", f"a {name} on a beach", f"a {name} in the snow"]
+
+    def validate(step: int, tensors, embeddings) -> None:
+        c = Concept(name=name, supercategory=supercategory, tensors=tensors, embeddings=embeddings)
+        folder = workdir / "validation"
+        folder.mkdir(parents=True, exist_ok=True)
+        s = base.profile.render
+        with Applied(base.pipe, [c], C) as applied, torch.no_grad():
+            images = applied(
+                prompts, num_inference_steps=int(s.get("steps", 30)), guidance_scale=float(s.get("cfg", 7.5)),
+                height=base.resolution, width=base.resolution,
+                generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
+            ).images
+        from PIL import Image
+
+        w = images[0].width
+        sheet = Image.new("RGB", (w * len(images), images[0].height))
+        for i, im in enumerate(images):
+            sheet.paste(im, (i * w, 0))
+        path = folder / f"step-{step:05d}.png"
+        write_atomic(path, png_bytes(sheet, " | ".join(prompts), {"step": step, "prompts": prompts}))
+        on_event(f"validation renders: {path}")
+
+    return validate
+
+
+# -- render -----------------------------------------------------------------------------------
+
+@dataclass
+class Resolved:
+    prompts: list[str]               # with combination names expanded to their members
+    concepts: dict[str, Concept]     # every concept named by some prompt
+    sets: dict[str, ConceptSet]      # by registry entry name
+    hashes: dict[str, str]           # concept name -> sha256 of the file it came from
+    exact: bool
+
+
+def resolve_prompts(prompts: list[str], registry: Registry, on_event: Events = _quiet) -> Resolved:
+    """Find registry entries named in the prompts; expand combinations ("pets" -> "mycat and mydog")."""
+    entries = {e.name: e for e in registry.entries() if not getattr(e, "shadowed", False)}
+    out_prompts, concepts, sets, hashes, exact = [], {}, {}, {}, True
+    for p in prompts:
+        for name in find_concepts(p, entries):
+            e = entries[name]
+            if e.error:
+                raise PerfusionError(f"concept {name!r} is damaged ({e.error}); `perfusion rm {name}` and retrain it")
+            if name not in sets:
+                sets[name] = concept_io.load(e.path)
+            cs = sets[name]
+            if cs.kind == "combination":
+                from .text import rewrite
+
+                p = rewrite(p, {name: " and ".join(c.name for c in cs.concepts)})
+                exact = exact and cs.exact
+            for c in cs.concepts:
+                if c.name in concepts and concepts[c.name] is not c and hashes[c.name] != e.sha256:
+                    on_event(f"note: {c.name!r} comes from {name!r} here")
+                concepts[c.name] = c
+                hashes[c.name] = e.sha256
+        out_prompts.append(p)
+    return Resolved(out_prompts, concepts, sets, hashes, exact)
+
+
+def render(
+    prompts: list[str],
+    out: str | Path = ".",
+    model: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    settings: RenderSettings | None = None,
+    gates: dict[str, Gate] | None = None,
+    beta: float | None = None,
+    tau: float | None = None,
+    registry: Registry | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    on_event: Events = _quiet,
+    defaults_from_profile: bool = True,
+) -> list[Written]:
+    """Render prompts (which may name concepts) to PNG files in `out`; returns what was written.
+
+    `beta`/`tau` set every concept's gate; `gates` set single concepts (they win).
+    Without `model`, the base model is the one the named concepts were trained on.
+    """
+    reg = registry or Registry()
+    prompts = [p for p in (q.strip() for q in prompts) if p]
+    if not prompts:
+        raise PerfusionError("no prompt given; pass a prompt, or --prompts FILE (one prompt per line)")
+    settings = settings or RenderSettings()
+    res = resolve_prompts(prompts, reg, on_event)
+    models_used = {cs.base_model.get("id") for cs in res.sets.values()}
+    if model is None:
+        if len(models_used) > 1:
+            raise PerfusionError(f"the prompts use concepts of different base models ({', '.join(sorted(models_used))}); pass --model")
+        model = next(iter(models_used)) if models_used else models.DEFAULT_MODEL
+    for b in ([beta] if beta is not None else []) + [g.beta for g in (gates or {}).values()]:
+        if not 0.0 <= b <= 1.0:
+            raise PerfusionError(f"--bias must be between 0 and 1, got {b}")
+    for t in ([tau] if tau is not None else []) + [g.tau for g in (gates or {}).values()]:
+        if not 0.0 < t <= 1.0:
+            raise PerfusionError(f"--temperature must be in (0, 1], got {t}")
+    unknown = set(gates or {}) - set(res.concepts)
+    if unknown:
+        raise PerfusionError(f"--bias/--temperature name {', '.join(sorted(unknown))}, which no prompt uses")
+    on_event(f"loading base model {model}")
+    base = models.load(model, device=device, dtype=dtype)
+    fp = base.fingerprint
+    for name, cs in res.sets.items():
+        if cs.base_model.get("fingerprint") != fp:
+            raise PerfusionError(
+                f"concept {name!r} was trained on {cs.base_model.get('id')} (fingerprint {cs.base_model.get('fingerprint')}); "
+                f"--model {model} is {base.id} ({fp}): render it with --model {cs.base_model.get('id')}"
+            )
+    if defaults_from_profile:
+        s = base.profile.render
+        settings.steps = settings.steps or int(s.get("steps", 50))
+        settings.cfg = settings.cfg if settings.cfg is not None else float(s.get("cfg", 7.5))
+        settings.sampler = settings.sampler or s.get("sampler", "ddim")
+        settings.height = settings.height or base.resolution
+        settings.width = settings.width or base.resolution
+    settings.exact = settings.exact and res.exact
+    C = None
+    if res.concepts:
+        cov = cov_mod.for_model(base, reg)
+        C = cov.C
+        for name, cs in res.sets.items():
+            if cs.covariance.get("fingerprint") != cov.fingerprint:
+                on_event(f"warning: {name!r} was trained with covariance {cs.covariance.get('fingerprint')}, "
+                         f"rendering with {cov.fingerprint} ({cov.source})")
+    all_gates = {}
+    for n, c in res.concepts.items():
+        g = Gate(c.tensors.beta if beta is None else beta, c.tensors.tau if tau is None else tau)
+        all_gates[n] = (gates or {}).get(n, g)
+    jobs = plan(res.prompts, settings, res.concepts)
+    model_info = {"id": base.id, "fingerprint": fp}
+    return render_jobs(base.pipe, jobs, res.concepts, C, settings, Path(out), model_info, res.hashes,
+                       all_gates, progress)
+
+
+# -- combine ----------------------------------------------------------------------------------
+
+def combine(names: list[str], name: str, exact: bool = True, gates: dict[str, Gate] | None = None,
+            dry_run: bool = False, force: bool = False, registry: Registry | None = None
+            ) -> tuple[ConceptSet, Entry | None, int]:
+    """One registry entry holding several concepts. Returns (set, entry or None on dry run, bytes)."""
+    reg = registry or Registry()
+    validate_name(name)
+    if len(names) < 2:
+        raise PerfusionError("combine needs at least two concepts")
+    sets = []
+    for n in names:
+        cs, _ = load_concept_set(n, reg)
+        sets.append((n, cs))
+    ref_name, ref = sets[0]
+    for n, cs in sets[1:]:
+        if cs.base_model.get("fingerprint") != ref.base_model.get("fingerprint"):
+            raise PerfusionError(
+                f"cannot combine {ref_name!r} ({ref.base_model.get('id')}, {ref.base_model.get('fingerprint')}) with "
+                f"{n!r} ({cs.base_model.get('id')}, {cs.base_model.get('fingerprint')}): different base models"
+            )
+        if cs.covariance.get("fingerprint") != ref.covariance.get("fingerprint"):
+            raise PerfusionError(
+                f"cannot combine {ref_name!r} and {n!r}: trained with different covariances "
+                f"({ref.covariance.get('fingerprint')} vs {cs.covariance.get('fingerprint')})"
+            )
+    members: list[Concept] = []
+    for _, cs in sets:
+        for c in cs.concepts:
+            if any(m.name == c.name for m in members):
+                raise PerfusionError(f"concept {c.name!r} appears twice in the combination")
+            members.append(c)
+    if name in {m.name for m in members}:
+        raise PerfusionError(f"the combination cannot be named like its member {name!r}; choose another --name")
+    for g_name, g in (gates or {}).items():
+        m = next((m for m in members if m.name == g_name), None)
+        if m is None:
+            raise PerfusionError(f"--bias names {g_name!r}, which is not in the combination")
+        m.tensors.beta, m.tensors.tau = g.beta, g.tau
+    out = ConceptSet(name=name, concepts=members, base_model=ref.base_model, covariance=ref.covariance,
+                     kind="combination", exact=exact)
+    data = concept_io.to_bytes(out)
+    if dry_run:
+        return out, None, len(data)
+    return out, reg.put(name, data, force=force), len(data)

@@ -1,0 +1,110 @@
+"""What every command shares: the stderr console, error handling, option parsing, global state."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..errors import PerfusionError
+
+err = Console(stderr=True, highlight=False)
+
+
+@dataclass
+class State:
+    debug: bool = False
+    quiet: bool = False
+    model: str | None = None
+    device: str = "auto"
+
+
+state = State(debug=bool(os.environ.get("PERFUSION_DEBUG")))
+
+
+def say(msg: str) -> None:
+    """A message for the person at the terminal (stderr), unless --quiet."""
+    if not state.quiet:
+        err.print(msg, markup=False)
+
+
+def warn(msg: str) -> None:
+    err.print(msg if msg.startswith("warning") else f"warning: {msg}", markup=False, style="yellow")
+
+
+def event(msg: str) -> None:
+    (warn if msg.startswith("warning") else say)(msg)
+
+
+def fail(msg: str, code: int = 2) -> None:
+    err.print(f"error: {msg}", markup=False, style="bold red")
+    raise typer.Exit(code)
+
+
+def guarded(fn):
+    """Turn library errors into one stderr line and a non-zero exit (tracebacks only with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PerfusionError as e:
+            if state.debug:
+                raise
+            fail(str(e).splitlines()[0] if str(e) else type(e).__name__, e.exit_code)
+        except KeyboardInterrupt:
+            err.print("interrupted", style="red")
+            raise typer.Exit(130)
+        except typer.Exit:
+            raise
+        except Exception as e:  # an unexpected failure: still one line, unless --debug
+            if state.debug:
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            fail(f"{type(e).__name__}: {first} (rerun with --debug for the traceback)", 1)
+
+    return wrapper
+
+
+def progress_bar(transient: bool = False) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        console=err, disable=state.quiet, transient=transient,
+    )
+
+
+def parse_named(values: list[str] | None, label: str, lo: float, hi: float, lo_open: bool = False):
+    """['0.7', 'mycat=0.6'] -> (global value or None, {name: value}); range-checked."""
+    glob, named = None, {}
+    for v in values or []:
+        name, _, num = v.rpartition("=")
+        try:
+            x = float(num)
+        except ValueError:
+            fail(f"{label} {v!r}: expected a number or NAME=NUMBER")
+        if not ((lo < x if lo_open else lo <= x) and x <= hi):
+            fail(f"{label} {v!r}: must be {'>' if lo_open else '≥'} {lo} and ≤ {hi}")
+        if name:
+            named[name.strip().lower()] = x
+        else:
+            glob = x
+    return glob, named
+
+
+def emit_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def model_option(model: str | None) -> str | None:
+    return model or state.model or os.environ.get("PERFUSION_MODEL") or None
+
+
+def device_option(device: str | None) -> str:
+    return device or state.device

@@ -1,0 +1,72 @@
+"""`perfusion train IMAGES --super WORD --name NAME`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from . import app
+from .common import device_option, emit_json, event, guarded, model_option, progress_bar, say
+
+
+@app.command()
+@guarded
+def train(
+    images: Path = typer.Argument(..., help="Folder of 4-8 photos of the concept (jpg, png, webp, bmp)."),
+    super_: str = typer.Option(..., "--super", help="Supercategory: one word the model knows, e.g. cat."),
+    name: str = typer.Option(..., "--name", help="The new word for the concept, e.g. mycat."),
+    model: str = typer.Option(None, "--model", help="Base model (default: sd15). --model toyworld runs offline."),
+    steps: int = typer.Option(None, "--steps", help="Optimiser steps [profile, else 400]."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Images per forward pass [profile, else 4]."),
+    grad_accum: int = typer.Option(None, "--grad-accum", help="Forward passes per step [profile, else 4]."),
+    lr_embedding: float = typer.Option(6e-3, "--lr-embedding", help="Learning rate of the token embedding."),
+    lr_value: float = typer.Option(3e-2, "--lr-value", help="Learning rate of the value targets o*_V."),
+    train_beta: float = typer.Option(0.75, "--train-beta", help="Gate bias β while training."),
+    train_tau: float = typer.Option(0.1, "--train-tau", help="Gate temperature τ while training."),
+    beta: float = typer.Option(0.7, "--beta", help="Default render bias stored in the concept."),
+    tau: float = typer.Option(0.15, "--tau", help="Default render temperature stored in the concept."),
+    mask: str = typer.Option("none", "--mask", help="none, attention (from the model's own cross-attention), or a folder of masks."),
+    flip: bool = typer.Option(True, "--flip/--no-flip", help="Horizontal flip augmentation."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    device: str = typer.Option(None, "--device", help="auto, cuda, mps or cpu."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16 for the frozen model."),
+    template: list[str] = typer.Option(None, "--template", help="Training prompt with {} for the concept (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from this name's last checkpoint."),
+    validate_every: int = typer.Option(0, "--validate-every", help="Write sample renders every N steps (0: never)."),
+    checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing concept of that name."),
+    fp32: bool = typer.Option(False, "--fp32", help="Store the concept in fp32 (default fp16)."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON record instead of the path."),
+):
+    """Learn a concept from photos and store it in the registry."""
+    from .. import api, models
+    from ..train import TrainConfig
+
+    model = model_option(model) or models.DEFAULT_MODEL
+    prof = models.find_profile(model)
+    t = prof.train if prof else {}
+    cfg = TrainConfig(
+        steps=steps if steps is not None else int(t.get("steps", 400)),
+        batch_size=batch_size if batch_size is not None else int(t.get("batch_size", 4)),
+        grad_accum=grad_accum if grad_accum is not None else int(t.get("grad_accum", 4)),
+        lr_embedding=lr_embedding, lr_value=lr_value, train_beta=train_beta, train_tau=train_tau,
+        render_beta=beta, render_tau=tau, flip=flip, mask=mask, seed=seed,
+        checkpoint_every=checkpoint_every, validate_every=validate_every, templates=list(template or []),
+    )
+    with progress_bar() as bar:
+        task = bar.add_task("training", total=cfg.steps, info="")
+
+        def on_progress(p):
+            bar.update(task, completed=p.step, info=f"loss {p.loss:.4f}")
+
+        entry = api.train(
+            images, name=name, supercategory=super_, model=model, device=device_option(device), dtype=dtype,
+            config=cfg, force=force, fp32=fp32, resume=resume, progress=on_progress, on_event=event,
+        )
+    say(f"learned {name!r} ({entry.size / 1024:.1f} KB)")
+    if json_out:
+        emit_json({"name": entry.name, "path": str(entry.path), "size": entry.size, "sha256": entry.sha256,
+                   "metadata": entry.meta})
+    else:
+        typer.echo(str(entry.path))

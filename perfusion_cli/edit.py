@@ -1,0 +1,173 @@
+"""The core editing module: Perfusion's gated rank-1 edit of one linear projection.
+
+Pure torch. No diffusers, no files, nothing else of this project. Section numbers (§) refer to
+PERFUSION.md in the project's docs; equation numbers to the paper (arXiv 2305.01644).
+
+Notation (one edited projection W: R^d -> R^m, d = text-encoder width, m = layer width):
+    e     (..., d)  a text-encoder output vector (one token's encoding)
+    C     (d, d)    uncentered covariance of such encodings, E[e eᵀ]          (§3)
+    i*    (d,)      the concept's input: EMA of the concept token's encoding   (§5)
+    o*    (m,)      the concept's target output in this layer                  (§4, §5)
+    E   = i*ᵀ C⁻¹ i*                                                          energy
+    s(e)= eᵀ C⁻¹ i* / E                                                       similarity, s(i*) = 1
+    h(e)= W e − s(e)·W i* + σ((s(e) − β)/τ)·o*                               the gated edit (§2, eq. 4-5)
+
+Several concepts (§8):
+    approximate  h = W e − Σ_c s_c(e)·W i*_c + Σ_c σ((s_c − β_c)/τ_c)·o*_c
+    exact        h = W e⊥ + Σ_c σ((s_c − β_c)/τ_c)·o*_c,
+                 e⊥ = e − Σ_k v_k (v_kᵀ C⁻¹ e),  {v_k} a C⁻¹-orthonormal basis of span{i*_c}.
+
+Both are one formula once written as
+    h = W e − Σ_k (e·a_k) b_k + Σ_c σ((e·u_c − β_c)/τ_c) o*_c
+with  approximate: a_c = u_c = C⁻¹ i*_c / E_c,  b_c = W i*_c
+      exact:       a_k = C⁻¹ v_k,                b_k = W v_k.
+a, u depend only on the concepts and C, so they are shared by every layer; b is one matvec per layer.
+A call then costs O(tokens × (d + m) × n) on top of W e (the "cheap form" of §2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ConceptTensors",
+    "LayerEdit",
+    "ConceptInputs",
+    "inverse_covariance",
+    "energy",
+    "similarity_direction",
+    "gate",
+    "c_orthonormal_basis",
+    "concept_inputs",
+    "layer_edit",
+]
+
+
+@dataclass
+class ConceptTensors:
+    """What one trained concept is, as tensors (the file format adds names and provenance).
+
+    The per-layer dicts are keyed by the module path of the edited projection's attention block
+    (diffusers: '...transformer_blocks.0.attn2'); their values have that layer's output width m.
+    """
+
+    i_star: Tensor                     # (d,)  concept input, EMA of its encodings (§5)
+    key_targets: dict[str, Tensor]     # layer -> (m,)  o*_K = W_K i_super, locked (§4)
+    value_targets: dict[str, Tensor]   # layer -> (m,)  o*_V, trained (§5)
+    beta: float = 0.7                  # gate bias β: lower = more concept, higher = more prompt (§7)
+    tau: float = 0.15                  # gate temperature τ (§7)
+
+
+def inverse_covariance(C: Tensor, ridge: float = 1e-6) -> Tensor:
+    """C⁻¹ in float64, with a relative ridge for numerically singular estimates (§3).
+
+    The ridge is ridge·trace(C)/d added to the diagonal; the bundled SD 1.x matrix (condition
+    number ~3.9e3) is changed by far less than its own estimation noise.
+    """
+    C = C.double()
+    C = 0.5 * (C + C.T)
+    d = C.shape[0]
+    lam = ridge * torch.trace(C) / d
+    eye = torch.eye(d, dtype=C.dtype, device=C.device)
+    return torch.cholesky_inverse(torch.linalg.cholesky(C + lam * eye))
+
+
+def energy(i_star: Tensor, C_inv: Tensor) -> Tensor:
+    """E = i*ᵀ C⁻¹ i*  (§2). i_star: (..., d) -> (...)."""
+    return torch.einsum("...d,de,...e->...", i_star, C_inv, i_star)
+
+
+def similarity_direction(i_star: Tensor, C_inv: Tensor) -> Tensor:
+    """u = C⁻¹ i* / E, so that s(e) = e·u and s(i*) = 1  (§2, "cheap form"). (..., d) -> (..., d)."""
+    Ci = i_star @ C_inv  # C⁻¹ is symmetric
+    return Ci / energy(i_star, C_inv).unsqueeze(-1)
+
+
+def gate(s: Tensor, beta: Tensor | float, tau: Tensor | float) -> Tensor:
+    """σ((s − β)/τ): how much of o* replaces the removed component (§2, paper eq. 5)."""
+    return torch.sigmoid((s - beta) / tau)
+
+
+def c_orthonormal_basis(i_stars: Tensor, C_inv: Tensor) -> Tensor:
+    """A basis V (n, d) of span{i*_c} that is orthonormal in the C⁻¹ metric: V C⁻¹ Vᵀ = I  (§8).
+
+    Cholesky C⁻¹ = L Lᵀ maps the metric to the Euclidean one (x -> Lᵀ x); QR there; map back with L⁻ᵀ.
+    """
+    L = torch.linalg.cholesky(C_inv)                        # (d, d) lower
+    Q, _ = torch.linalg.qr(L.T @ i_stars.T)                 # (d, n) Euclidean-orthonormal
+    return torch.linalg.solve_triangular(L.T, Q, upper=True).T  # (n, d) = (L⁻ᵀ Q)ᵀ
+
+
+@dataclass
+class ConceptInputs:
+    """The layer-independent half of an edit: everything that depends only on the i*'s and C."""
+
+    U: Tensor      # (n, d)  u_c = C⁻¹ i*_c / E_c: similarity directions, s_c = e·u_c
+    A: Tensor      # (k, d)  projection coefficients: the removed part is Σ_k (e·a_k) b_k
+    P: Tensor      # (k, d)  directions whose image W p_k gives b_k (i*_c, or v_k when exact)
+    beta: Tensor   # (n,)
+    tau: Tensor    # (n,)
+
+
+def concept_inputs(
+    i_stars: Tensor, C_inv: Tensor, betas, taus, exact: bool = True
+) -> ConceptInputs:
+    """Precompute the parts of a (multi-)concept edit shared by all layers (§2 cheap form, §8).
+
+    i_stars: (n, d). With one concept, exact and approximate are the same edit.
+    Computed in float64, returned in float32 (similarities of a 768-wide encoding against a
+    C⁻¹ of condition ~4e3 lose too much in fp16).
+    """
+    i_stars = i_stars.double()
+    C_inv = C_inv.double().to(i_stars.device)
+    U = similarity_direction(i_stars, C_inv)                 # (n, d)
+    if exact and i_stars.shape[0] > 1:
+        V = c_orthonormal_basis(i_stars, C_inv)              # (n, d)
+        A, P = V @ C_inv, V                                  # a_k = C⁻¹ v_k, b_k = W v_k
+    else:
+        A, P = U, i_stars                                    # a_c = u_c,     b_c = W i*_c
+    f = lambda x: torch.as_tensor(x, dtype=torch.float32, device=i_stars.device).reshape(-1)
+    return ConceptInputs(U.float(), A.float(), P.float(), f(betas), f(taus))
+
+
+@dataclass
+class LayerEdit:
+    """The precomputed edit of one projection: delta(e) = h(e) − W e  (shapes in the class body)."""
+
+    A: Tensor      # (k, d)
+    B: Tensor      # (k, m)  b_k = W p_k
+    U: Tensor      # (n, d)
+    O: Tensor      # (n, m)  o*_c for this layer
+    beta: Tensor   # (n,)
+    tau: Tensor    # (n,)
+    extra: dict = field(default_factory=dict)
+
+    def delta(self, e: Tensor) -> Tensor:
+        """(..., d) -> (..., m), computed in float32 and returned in e's dtype."""
+        x = e.to(self.A.dtype)
+        removed = (x @ self.A.T) @ self.B                    # Σ_k (e·a_k) b_k
+        gates = gate(x @ self.U.T, self.beta, self.tau)      # (..., n)
+        return (gates @ self.O - removed).to(e.dtype)
+
+    def gates(self, e: Tensor) -> Tensor:
+        """σ((s_c(e) − β_c)/τ_c) for each concept: (..., d) -> (..., n)."""
+        return gate(e.to(self.U.dtype) @ self.U.T, self.beta, self.tau)
+
+
+def layer_edit(weight: Tensor, inputs: ConceptInputs, targets: Tensor) -> LayerEdit:
+    """Bind the shared concept inputs to one projection W (m, d) and its targets o* (n, m).
+
+    Differentiable in `targets` (training trains o*_V through this).
+    """
+    W = weight.detach().to(inputs.P.dtype)
+    return LayerEdit(
+        A=inputs.A,
+        B=inputs.P @ W.T,                                    # (k, m)
+        U=inputs.U,
+        O=targets.to(inputs.P.dtype),
+        beta=inputs.beta,
+        tau=inputs.tau,
+    )

@@ -1,0 +1,297 @@
+"""Prompts → images with concepts: apply concepts to a pipeline, sample, write PNGs with metadata.
+
+`Applied` is the Python entry point: concepts applied to any diffusers pipeline, called like the
+pipeline, with prompts that name the concepts ("mycat on a beach"). `remove()` (or leaving a `with`
+block) restores the pipeline exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import secrets
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import PngImagePlugin
+
+from . import patch as patching
+from .concept import Concept
+from .errors import PerfusionError
+from .text import EmbeddingOverride, encode, rewrite
+
+
+@dataclass
+class Gate:
+    beta: float
+    tau: float
+
+
+class Applied:
+    """Concepts applied to a diffusers pipeline (Stable Diffusion 1.x/2.x/XL).
+
+    concepts:     the concepts (concept.Concept), each usable by its name in prompts
+    C:            the base model's text-encoding covariance (d, d) (covariance.for_model)
+    gates:        per-concept β/τ overrides by name; others use the concept's stored defaults
+    exact:        exact (C⁻¹-orthonormal) or approximate multi-concept edit (PERFUSION.md §8)
+    global_lock:  K path reads the prompt with supercategory words in place of concepts (§4)
+    """
+
+    def __init__(self, pipe, concepts: list[Concept], C: torch.Tensor, gates: dict[str, Gate] | None = None,
+                 exact: bool = True, global_lock: bool = False):
+        from .edit import inverse_covariance
+
+        self.pipe, self.concepts, self.global_lock = pipe, list(concepts), global_lock
+        names = [c.name for c in self.concepts]
+        if len(set(names)) != len(names):
+            raise PerfusionError(f"two concepts share a name: {names}")
+        gates = gates or {}
+        self.gates = {c.name: gates.get(c.name, Gate(c.tensors.beta, c.tensors.tau)) for c in self.concepts}
+        self.supers = {c.name: c.supercategory for c in self.concepts}
+        try:
+            self.patch = patching.apply(
+                pipe.unet, [c.tensors for c in self.concepts], inverse_covariance(C), exact=exact,
+                betas=[self.gates[n].beta for n in names], taus=[self.gates[n].tau for n in names], labels=names,
+            )
+        except ValueError as e:
+            raise PerfusionError(f"{e}; was it trained on another base model?") from None
+        self.override = EmbeddingOverride(pipe)
+        self.override.set_concepts([c.embeddings for c in self.concepts])
+
+    def prepare(self, prompts: list[str]) -> list[str]:
+        """Register prompts that name concepts; returns them as the pipeline must be given them."""
+        self.override.clear_prompts()
+        self.patch.key_swaps.clear()
+        rewritten = []
+        for p in prompts:
+            self.override.add_prompt(p, self.supers)
+            rewritten.append(rewrite(p, self.supers))
+        if self.global_lock:
+            with torch.no_grad():
+                unique = list(dict.fromkeys(rewritten))
+                e_concept = encode(self.pipe, unique).embeds
+                slots, self.override.slots = self.override.slots, [[] for _ in self.override.slots]
+                e_super = encode(self.pipe, unique).embeds
+                self.override.slots = slots
+            self.patch.key_swaps.extend(patching.KeySwap(c, s) for c, s in zip(e_concept, e_super))
+        return rewritten
+
+    def __call__(self, prompt: str | list[str], **kwargs):
+        """Run the pipeline on `prompt` (which may name the concepts); kwargs go to the pipeline."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        return self.pipe(prompt=self.prepare(prompts), **kwargs)
+
+    def remove(self) -> None:
+        self.patch.remove()
+        self.override.remove()
+
+    def __enter__(self) -> "Applied":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+# -- the CLI's render job -------------------------------------------------------------------
+
+@dataclass
+class RenderSettings:
+    steps: int = 30
+    cfg: float = 7.5
+    negative: str = ""
+    height: int = 512
+    width: int = 512
+    sampler: str = "ddim"
+    n: int = 1                     # images per prompt
+    seed: int | None = None        # image i of the run gets seed + i; None: a random base seed
+    batch_size: int = 4            # images per pipeline call
+    global_lock: bool = False
+    exact: bool = True
+    name_template: str = "{index:04d}-{slug}-{seed}.png"
+
+
+@dataclass
+class Job:
+    prompt: str
+    concepts: list[str]            # names of the concepts this prompt uses
+    seed: int
+    index: int                     # position in the run
+    image: int                     # position among this prompt's images
+
+
+@dataclass
+class Written:
+    path: str
+    prompt: str
+    seed: int
+    concepts: list[dict] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+
+def check_settings(s: RenderSettings) -> None:
+    if s.steps <= 0:
+        raise PerfusionError(f"--steps must be positive, got {s.steps}")
+    if s.n <= 0:
+        raise PerfusionError(f"-n must be positive, got {s.n}")
+    if s.cfg < 0:
+        raise PerfusionError(f"--cfg must be ≥ 0, got {s.cfg}")
+    for label, v in (("--height", s.height), ("--width", s.width)):
+        if v <= 0 or v % 8:
+            raise PerfusionError(f"{label} must be a positive multiple of 8, got {v}")
+    try:
+        s.name_template.format(index=0, seed=0, slug="x", image=0, prompt_index=0)
+    except (KeyError, IndexError, ValueError) as e:
+        raise PerfusionError(
+            f"--name-template {s.name_template!r} is invalid ({e}); fields: index, seed, slug, image, prompt_index"
+        ) from None
+
+
+def plan(prompts: list[str], settings: RenderSettings, concept_names) -> list[Job]:
+    from .text import find_concepts
+
+    base = settings.seed if settings.seed is not None else secrets.randbelow(2**31)
+    jobs = []
+    for p_i, p in enumerate(prompts):
+        names = find_concepts(p, concept_names)
+        for k in range(settings.n):
+            i = len(jobs)
+            jobs.append(Job(prompt=p, concepts=names, seed=base + i, index=i, image=k))
+    return jobs
+
+
+def slug(prompt: str, limit: int = 48) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    return s[:limit].rstrip("-") or "image"
+
+
+def png_bytes(image, parameters: str, record: dict) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    info.add_text("perfusion", json.dumps(record))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def a1111_parameters(job: Job, s: RenderSettings, model: dict, concepts: list[dict]) -> str:
+    lines = [job.prompt]
+    if s.negative:
+        lines.append(f"Negative prompt: {s.negative}")
+    fields = [
+        f"Steps: {s.steps}", f"Sampler: {s.sampler}", f"CFG scale: {s.cfg}", f"Seed: {job.seed}",
+        f"Size: {s.width}x{s.height}", f"Model: {model['id']}", f"Model hash: {model['fingerprint']}",
+    ]
+    if concepts:
+        fields.append("Perfusion: " + ", ".join(
+            f"{c['name']}:{c['beta']}:{c['tau']}:{c['sha256'][:12]}" for c in concepts))
+        fields.append(f"Perfusion lock: {'global' if s.global_lock else 'local'}")
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def check_output_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".perfusion-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PerfusionError(f"output folder {out} is not writable ({e.strerror or e}); pass another -o DIR") from None
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno == 28:
+            raise PerfusionError(f"disk full while writing {path}; free space and rerun") from None
+        raise PerfusionError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def unique_path(out: Path, name: str) -> Path:
+    path = out / name
+    if path.suffix.lower() != ".png":
+        path = path.with_suffix(path.suffix + ".png")
+    stem, k = path.stem, 1
+    while path.exists():
+        path = path.with_name(f"{stem}-{k}.png")
+        k += 1
+    return path
+
+
+def render_jobs(
+    pipe,
+    jobs: list[Job],
+    concepts: dict[str, Concept],
+    C: torch.Tensor,
+    settings: RenderSettings,
+    out: Path,
+    model: dict,
+    hashes: dict[str, str],
+    gates: dict[str, Gate] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Written]:
+    """Render `jobs`, grouping those that use the same concepts into pipeline batches.
+
+    Concepts are applied per group only, so a prompt never carries a concept it does not name.
+    """
+    from .models import set_sampler
+
+    check_settings(settings)
+    check_output_dir(out)
+    set_sampler(pipe, settings.sampler)
+    gates = gates or {}
+    written: list[Written] = []
+    groups: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(tuple(job.concepts), []).append(job)
+    done = 0
+    for names, group in groups.items():
+        applied = Applied(pipe, [concepts[n] for n in names], C, gates, settings.exact, settings.global_lock) \
+            if names else None
+        try:
+            for start in range(0, len(group), settings.batch_size):
+                batch = group[start:start + settings.batch_size]
+                prompts = [j.prompt for j in batch]
+                kwargs = dict(
+                    num_inference_steps=settings.steps, guidance_scale=settings.cfg,
+                    height=settings.height, width=settings.width,
+                    negative_prompt=[settings.negative] * len(batch) if settings.negative else None,
+                    generator=[torch.Generator(device="cpu").manual_seed(j.seed) for j in batch],
+                )
+                with torch.no_grad():
+                    result = applied(prompts, **kwargs) if applied else pipe(prompt=prompts, **kwargs)
+                for job, image in zip(batch, result.images):
+                    used = [{
+                        "name": n,
+                        "beta": (applied.gates[n].beta if applied else None),
+                        "tau": (applied.gates[n].tau if applied else None),
+                        "sha256": hashes.get(n, ""),
+                    } for n in job.concepts]
+                    record = asdict(Written(path="", prompt=job.prompt, seed=job.seed, concepts=used,
+                                            settings={**asdict(settings), "seed": job.seed, "model": model}))
+                    name = settings.name_template.format(
+                        index=job.index, seed=job.seed, slug=slug(job.prompt), image=job.image,
+                        prompt_index=job.index - job.image,
+                    )
+                    path = unique_path(out, name)
+                    record["path"] = str(path)
+                    write_atomic(path, png_bytes(image, a1111_parameters(job, settings, model, used), record))
+                    written.append(Written(**record))
+                done += len(batch)
+                if progress:
+                    progress(done, len(jobs))
+        finally:
+            if applied:
+                applied.remove()
+    return written

@@ -1,0 +1,416 @@
+"""Learn a concept: photos → cached latents → the Perfusion training loop → ConceptTensors.
+
+What is trained (PERFUSION.md §5): the concept token's embedding (one per text encoder) and o*_V in
+every cross-attention layer. What is not: everything else. i* is an EMA of the concept's encoding,
+o*_K = W_K i_super is locked (§4). The forward pass is the same gated rank-1 edit the renderer uses
+(patch.attach + edit.layer_edit), so training and inference cannot disagree (the paper's point).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save
+
+from . import patch as patching
+from .concept import Concept, now
+from .edit import ConceptTensors, concept_inputs
+from .errors import PerfusionError
+from .images import PhotoSet, load_masks
+from .text import EmbeddingOverride, encode, rewrite, text_stack, word_ids
+
+DEFAULT_TEMPLATES = [
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+    "a photo of a clean {}", "a dark photo of the {}", "a photo of my {}", "a photo of the cool {}",
+    "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}", "a photo of the {}",
+    "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}", "a rendition of the {}",
+    "a photo of the nice {}", "a good photo of a {}", "a photo of the small {}", "a photo of the large {}",
+]
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400              # optimiser steps (§6)
+    batch_size: int = 4           # images per forward pass
+    grad_accum: int = 4           # forward passes per optimiser step: 4 × 4 = the paper's batch 16 (§6)
+    lr_embedding: float = 6e-3    # AdamW learning rate of the token embedding (§6)
+    lr_value: float = 3e-2        # AdamW learning rate of o*_V (§6)
+    weight_decay: float = 0.0     # AdamW weight decay (targets and embeddings are not regularised)
+    train_beta: float = 0.75      # gate bias during training (§6)
+    train_tau: float = 0.1        # gate temperature during training (§6)
+    render_beta: float = 0.7      # default gate bias stored for rendering (§7)
+    render_tau: float = 0.15      # default gate temperature stored for rendering (§7)
+    ema: float = 0.99             # i* ← ema·i* + (1 − ema)·mean e_concept (§5)
+    flip: bool = True             # horizontal flips (both flips' latents are cached)
+    mask: str = "none"            # none | attention | a folder of masks (§6: loss weighted by a soft mask)
+    seed: int = 0
+    checkpoint_every: int = 50    # steps between resumable checkpoints (0: never)
+    validate_every: int = 0       # steps between validation renders (0: never)
+    templates: list[str] = field(default_factory=list)  # "{}" is the concept; empty: the profile's or defaults
+
+
+@dataclass
+class Progress:
+    step: int
+    steps: int
+    loss: float
+
+
+def check_config(cfg: TrainConfig) -> None:
+    def bad(msg):
+        raise PerfusionError(msg)
+
+    if cfg.steps <= 0:
+        bad(f"--steps must be a positive number of steps, got {cfg.steps}")
+    if cfg.batch_size <= 0 or cfg.grad_accum <= 0:
+        bad("--batch-size and --grad-accum must be positive")
+    if not (cfg.lr_embedding > 0 and cfg.lr_value > 0):
+        bad("learning rates must be positive")
+    for label, b in (("--train-beta", cfg.train_beta), ("--beta", cfg.render_beta)):
+        if not (0.0 <= b <= 1.0):
+            bad(f"{label} must be between 0 and 1 (a similarity threshold), got {b}")
+    for label, t in (("--train-tau", cfg.train_tau), ("--tau", cfg.render_tau)):
+        if not (0.0 < t <= 1.0):
+            bad(f"{label} must be in (0, 1], got {t}")
+    if not (0.0 <= cfg.ema < 1.0):
+        bad(f"EMA factor must be in [0, 1), got {cfg.ema}")
+    for t in cfg.templates:
+        if t.count("{}") != 1:
+            bad(f"template {t!r} must contain exactly one {{}} where the concept goes")
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during training; checkpointed as safetensors (no pickle)."""
+
+    embeddings: list[torch.nn.Parameter]       # one (d_k,) per text encoder, fp32
+    value_targets: dict[str, torch.nn.Parameter]  # layer -> (m,) o*_V, fp32
+    key_targets: dict[str, torch.Tensor]       # layer -> (m,) o*_K, locked
+    i_star: torch.Tensor                       # (d,) EMA of the concept's encodings
+    i_super: torch.Tensor                      # (d,) the supercategory's encoding
+    step: int = 0
+
+
+class Trainer:
+    """One concept's training run on a loaded base model (models.BaseModel)."""
+
+    def __init__(self, base, name: str, supercategory: str, C_inv: torch.Tensor, cfg: TrainConfig):
+        check_config(cfg)
+        self.base, self.pipe = base, base.pipe
+        self.name, self.super = name, supercategory
+        self.cfg = cfg
+        self.device = base.device
+        self.C_inv = C_inv.to(self.device)
+        self.templates = cfg.templates or base.profile.templates or DEFAULT_TEMPLATES
+        self.prompts = [t.format(name) for t in self.templates]
+        self.rng = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        self.py_rng = random.Random(cfg.seed)
+        for module in (self.pipe.unet, self.pipe.vae, *[enc for _, enc in text_stack(self.pipe)]):
+            module.requires_grad_(False)
+            module.eval()
+        self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16,
+                             enabled=self.device.type == "cuda" and base.dtype != torch.float32)
+
+    # -- data -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def cache_latents(self, photos: PhotoSet) -> None:
+        """VAE posteriors of every photo and its mirror image, computed once (mean and std)."""
+        vae = self.pipe.vae
+        px = photos.pixels
+        if self.cfg.flip:
+            px = torch.cat([px, px.flip(-1)])
+        means, stds = [], []
+        for chunk in px.split(8):
+            dist = vae.encode(chunk.to(self.device, vae.dtype)).latent_dist
+            means.append(dist.mean.float())
+            stds.append(dist.std.float())
+        self.lat_mean, self.lat_std = torch.cat(means), torch.cat(stds)
+        self.scale = float(vae.config.scaling_factor)
+        self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        self.n_photos = photos.pixels.shape[0]
+        self.masks = None
+
+    def set_masks(self, masks: torch.Tensor | None) -> None:
+        """(N, h, w) soft masks at latent size (flipped copies are made here), or None."""
+        if masks is None:
+            self.masks = None
+            return
+        m = masks.float().to(self.device)
+        if self.cfg.flip:
+            m = torch.cat([m, m.flip(-1)])
+        m = 0.1 + 0.9 * m / m.amax(dim=(1, 2), keepdim=True).clamp_min(1e-6)  # keep a little background
+        self.masks = m / m.mean(dim=(1, 2), keepdim=True)  # normalised per image, not per row (§11)
+
+    def mask_from_folder(self, folder: str | Path, photos: PhotoSet) -> torch.Tensor:
+        return load_masks(folder, photos.paths, self.lat_mean.shape[-1])
+
+    # -- model pieces ---------------------------------------------------------------------
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        enc = encode(self.pipe, [rewrite(p, {self.name: self.super}) for p in prompts], self.device)
+        return enc.embeds, enc.pooled
+
+    def concept_mask(self, prompts: list[str]) -> torch.Tensor:
+        """(B, L) bool: where the concept sits in each prompt's tokens."""
+        rows = []
+        for p in prompts:
+            idx = self.prompts.index(p)
+            rows.append(self.slot_masks[idx])
+        return torch.stack(rows).to(self.device)
+
+    def unet_kwargs(self, pooled: torch.Tensor | None, batch: int) -> dict:
+        if pooled is None or getattr(self.pipe.unet.config, "addition_embed_type", None) != "text_time":
+            return {}
+        r = self.base.resolution
+        time_ids = torch.tensor([[r, r, 0, 0, r, r]], device=self.device, dtype=pooled.dtype).repeat(batch, 1)
+        return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+    # -- the run --------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_state(self) -> TrainState:
+        """Embeddings from the supercategory word, i_super from a first batch, o*_K/o*_V = W i_super."""
+        embeddings = []
+        for tok, enc in text_stack(self.pipe):
+            (sid,) = word_ids(tok, self.super)
+            w = enc.get_input_embeddings().weight[sid].detach().float().clone()
+            embeddings.append(torch.nn.Parameter(w))
+        # The override is already installed with these same vectors, so this first batch reads the
+        # supercategory's own embedding: its encodings at the concept's positions are i_super.
+        first = self.prompts[: max(1, min(len(self.prompts), self.cfg.batch_size * self.cfg.grad_accum))]
+        e, _ = self.encode(first)
+        i_super = e.float()[self.concept_mask(first)].mean(0)
+        key_targets, value_targets = {}, {}
+        for name, attn in patching.cross_attention_layers(self.pipe.unet).items():
+            wk = patching.projection_weight(attn.to_k).float()
+            wv = patching.projection_weight(attn.to_v).float()
+            key_targets[name] = (wk @ i_super).detach()
+            value_targets[name] = torch.nn.Parameter((wv @ i_super).detach().clone())
+        return TrainState(embeddings, value_targets, key_targets, i_super.clone(), i_super.clone())
+
+    def fit(
+        self,
+        photos: PhotoSet,
+        progress: Callable[[Progress], None] | None = None,
+        workdir: Path | None = None,
+        resume: bool = False,
+        validate: Callable[[int, ConceptTensors, list], None] | None = None,
+    ) -> Concept:
+        cfg, pipe, unet = self.cfg, self.pipe, self.pipe.unet
+        self.cache_latents(photos)
+        override = EmbeddingOverride(pipe)
+        patch = patching.attach(unet)
+        try:
+            for p in self.prompts:
+                if override.add_prompt(p, {self.name: self.super}) == 0:
+                    raise PerfusionError(f"template {p!r} loses the concept to truncation; shorten it")
+            self.slot_masks = [s.mask for s in override.slots[0]]
+            placeholder = [[enc.get_input_embeddings().weight[word_ids(tok, self.super)[0]].detach().float()
+                            for tok, enc in text_stack(pipe)]]
+            override.set_concepts(placeholder)
+            state = self.init_state()
+            override.set_concepts([list(state.embeddings)])
+            if cfg.mask == "attention":
+                self.set_masks(self.attention_masks(patch))
+            elif cfg.mask not in ("none", "", None):
+                self.set_masks(self.mask_from_folder(cfg.mask, photos))
+            opt = torch.optim.AdamW(
+                [
+                    {"params": list(state.embeddings), "lr": cfg.lr_embedding},
+                    {"params": list(state.value_targets.values()), "lr": cfg.lr_value},
+                ],
+                weight_decay=cfg.weight_decay,
+            )
+            ckpt = workdir / "checkpoint.safetensors" if workdir else None
+            if resume and ckpt is not None and ckpt.is_file():
+                self.load_checkpoint(ckpt, state, opt)
+            loss_value = float("nan")
+            while state.step < cfg.steps:
+                opt.zero_grad(set_to_none=True)
+                total = 0.0
+                for _ in range(cfg.grad_accum):
+                    loss = self.micro_step(state, patch) / cfg.grad_accum
+                    loss.backward()
+                    total += float(loss.detach())
+                opt.step()
+                state.step += 1
+                loss_value = total
+                if not math.isfinite(loss_value):
+                    raise PerfusionError(
+                        f"training diverged at step {state.step} (loss {loss_value}); lower the learning rates"
+                    )
+                if progress:
+                    progress(Progress(state.step, cfg.steps, loss_value))
+                if ckpt is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint(ckpt, state, opt)
+                if validate and cfg.validate_every and state.step % cfg.validate_every == 0:
+                    patch.edits.clear()
+                    validate(state.step, self.tensors(state), [e.detach().clone() for e in state.embeddings])
+        finally:
+            patch.remove()
+            override.remove()
+        return Concept(
+            name=self.name, supercategory=self.super, tensors=self.tensors(state),
+            embeddings=[e.detach().float().cpu().clone() for e in state.embeddings],
+            training={**{k: v for k, v in asdict(cfg).items() if k != "templates"},
+                      "templates": self.templates, "images": [p.name for p in photos.paths],
+                      "final_loss": loss_value},
+            created=now(),
+        )
+
+    def tensors(self, state: TrainState) -> ConceptTensors:
+        return ConceptTensors(
+            i_star=state.i_star.detach().cpu().clone(),
+            key_targets={k: v.detach().cpu().clone() for k, v in state.key_targets.items()},
+            value_targets={k: v.detach().float().cpu().clone() for k, v in state.value_targets.items()},
+            beta=self.cfg.render_beta, tau=self.cfg.render_tau,
+        )
+
+    def sample_batch(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        n = self.lat_mean.shape[0]
+        idx = torch.randint(0, n, (self.cfg.batch_size,), generator=self.rng)
+        eps = torch.randn(self.lat_mean[idx].shape, generator=self.rng).to(self.device)
+        lat = (self.lat_mean[idx] + self.lat_std[idx] * eps - self.shift) * self.scale
+        prompts = [self.py_rng.choice(self.prompts) for _ in range(len(idx))]
+        return lat, idx, prompts
+
+    def micro_step(self, state: TrainState, patch: patching.Patch) -> torch.Tensor:
+        """One forward pass: ε-prediction (or v-prediction) MSE through the edited UNet (§6)."""
+        pipe, cfg, sched = self.pipe, self.cfg, self.pipe.scheduler
+        lat, idx, prompts = self.sample_batch()
+        noise = torch.randn(lat.shape, generator=self.rng).to(self.device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0],), generator=self.rng).to(self.device)
+        noisy = sched.add_noise(lat, noise, t)
+        with torch.autocast(**self.autocast):
+            e, pooled = self.encode(prompts)
+        with torch.no_grad():  # i* ← ema·i* + (1 − ema)·mean of this batch's concept encodings (§5)
+            e_c = e.detach().float()[self.concept_mask(prompts)].mean(0)
+            state.i_star.mul_(cfg.ema).add_(e_c, alpha=1 - cfg.ema)
+        inputs = concept_inputs(state.i_star[None], self.C_inv, [cfg.train_beta], [cfg.train_tau])
+        patch.edits.update(patching.build_edits(
+            pipe.unet, inputs, [state.key_targets], [state.value_targets]
+        ))
+        with torch.autocast(**self.autocast):
+            pred = pipe.unet(
+                noisy.to(pipe.unet.dtype), t, encoder_hidden_states=e.to(pipe.unet.dtype),
+                **self.unet_kwargs(pooled, lat.shape[0]),
+            ).sample.float()
+        kind = sched.config.prediction_type
+        target = sched.get_velocity(lat, noise, t) if kind == "v_prediction" else noise
+        err = (pred - target.float()) ** 2
+        if self.masks is not None:
+            err = err * self.masks[idx].to(err.device)[:, None]
+        return err.mean()
+
+    @torch.no_grad()
+    def attention_masks(self, patch: patching.Patch) -> torch.Tensor:
+        """Soft foreground masks from the base model's own cross-attention to the supercategory word.
+
+        Each photo is noised to the middle of the schedule and denoised once with the prompt
+        "a photo of a <super>" (the first template); the attention probability of every latent pixel
+        on the supercategory token is averaged over heads and layers (captured from to_q/to_k outputs,
+        so any attention processor works) and scaled to [0, 1] per photo.
+        """
+        pipe, unet, sched = self.pipe, self.pipe.unet, self.pipe.scheduler
+        n = self.n_photos
+        h, w = self.lat_mean.shape[-2:]
+        prompt = self.prompts[0]
+        mask_row = self.slot_masks[0].to(self.device)
+        layers = patching.cross_attention_layers(unet)
+        captured: dict[str, dict[str, torch.Tensor]] = {k: {} for k in layers}
+        handles = []
+        for name, attn in layers.items():
+            handles.append(attn.to_q.register_forward_hook(lambda m, a, o, n_=name: captured[n_].__setitem__("q", o)))
+            handles.append(attn.to_k.register_forward_hook(lambda m, a, o, n_=name: captured[n_].__setitem__("k", o)))
+        saved = dict(patch.edits)
+        patch.edits.clear()  # the base model's attention, unedited
+        try:
+            lat = (self.lat_mean[:n] - self.shift) * self.scale
+            noise = torch.randn(lat.shape, generator=self.rng).to(self.device)
+            t = torch.full((n,), sched.config.num_train_timesteps // 2, device=self.device, dtype=torch.long)
+            e, pooled = self.encode([prompt] * n)
+            with torch.autocast(**self.autocast):
+                unet(sched.add_noise(lat, noise, t).to(unet.dtype), t, encoder_hidden_states=e.to(unet.dtype),
+                     **self.unet_kwargs(pooled, n))
+            total = torch.zeros(n, h, w, device=self.device)
+            for name, attn in layers.items():
+                q, k = captured[name]["q"].float(), captured[name]["k"].float()
+                heads = attn.heads
+                B, N, _ = q.shape
+                q = q.view(B, N, heads, -1).transpose(1, 2)
+                k = k.view(B, k.shape[1], heads, -1).transpose(1, 2)
+                probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)  # (B, heads, N, L)
+                a = probs[..., mask_row].sum(-1).mean(1)                    # (B, N)
+                side = int(round(math.sqrt(N * h / w)))
+                a = a.view(B, 1, side, N // side)
+                total += F.interpolate(a, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+            lo = total.amin(dim=(1, 2), keepdim=True)
+            hi = total.amax(dim=(1, 2), keepdim=True)
+            return ((total - lo) / (hi - lo).clamp_min(1e-8)).cpu()
+        finally:
+            for hd in handles:
+                hd.remove()
+            patch.edits.update(saved)
+
+    # -- checkpoints (safetensors only) -------------------------------------------------------
+    def save_checkpoint(self, path: Path, state: TrainState, opt: torch.optim.Optimizer) -> None:
+        tensors = {f"embedding.{k}": e.detach() for k, e in enumerate(state.embeddings)}
+        tensors.update({f"value.{n}": v.detach() for n, v in state.value_targets.items()})
+        tensors.update({f"key.{n}": v for n, v in state.key_targets.items()})
+        tensors["i_star"], tensors["i_super"] = state.i_star, state.i_super
+        params = list(state.embeddings) + list(state.value_targets.values())
+        for i, p in enumerate(params):
+            st = opt.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                if key in st:
+                    tensors[f"opt.{i}.{key}"] = torch.as_tensor(st[key]).float()
+        tensors["rng"] = self.rng.get_state()
+        meta = {"step": str(state.step), "config": json.dumps(asdict(self.cfg)), "name": self.name,
+                "supercategory": self.super, "py_rng": json.dumps(self.py_rng.getstate()[1])}
+        data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name("." + path.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+
+    def load_checkpoint(self, path: Path, state: TrainState, opt: torch.optim.Optimizer) -> None:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            saved_cfg = json.loads(meta.get("config", "{}"))
+            if meta.get("supercategory") != self.super:
+                raise PerfusionError(f"checkpoint {path} is for --super {meta.get('supercategory')}; drop --resume")
+            for key in ("batch_size", "grad_accum", "lr_embedding", "lr_value", "flip", "seed"):
+                if saved_cfg.get(key) != getattr(self.cfg, key):
+                    raise PerfusionError(
+                        f"checkpoint {path} was made with {key}={saved_cfg.get(key)}, now {getattr(self.cfg, key)}; "
+                        "use the same settings or drop --resume"
+                    )
+            g = lambda k: f.get_tensor(k).to(self.device)
+            for k, e in enumerate(state.embeddings):
+                e.data.copy_(g(f"embedding.{k}"))
+            for n, v in state.value_targets.items():
+                v.data.copy_(g(f"value.{n}"))
+            for n in state.key_targets:
+                state.key_targets[n] = g(f"key.{n}")
+            state.i_star.copy_(g("i_star"))
+            state.i_super.copy_(g("i_super"))
+            params = list(state.embeddings) + list(state.value_targets.values())
+            names = set(f.keys())
+            for i, p in enumerate(params):
+                if f"opt.{i}.exp_avg" in names:
+                    opt.state[p] = {
+                        "exp_avg": g(f"opt.{i}.exp_avg"),
+                        "exp_avg_sq": g(f"opt.{i}.exp_avg_sq"),
+                        "step": f.get_tensor(f"opt.{i}.step").float().reshape(()),
+                    }
+            self.rng.set_state(f.get_tensor("rng"))
+            state.step = int(meta["step"])
+            py = json.loads(meta.get("py_rng", "null"))
+            if py is not None:
+                self.py_rng.setstate((3, tuple(py), None))
