@@ -26,7 +26,7 @@ from .concept import Concept, ConceptSet
 from .errors import PerfusionError
 from .images import load_photos
 from .registry import Entry, Registry, validate_name
-from .render import Applied, Gate, RenderSettings, Written, plan, render_jobs
+from .render import Applied, Gate, RenderSettings, Written, check_settings, plan, render_jobs
 from .text import check_concept_word, check_supercategory, find_concepts
 from .train import Progress, Trainer, TrainConfig
 
@@ -231,6 +231,9 @@ def render(
     if not prompts:
         raise PerfusionError("no prompt given; pass a prompt, or --prompts FILE (one prompt per line)")
     settings = settings or RenderSettings()
+    check_settings(settings, partial=True)
+    if dtype not in ("auto", *models.DTYPES):
+        raise PerfusionError(f"unknown dtype {dtype!r}; use auto, fp32, fp16 or bf16")
     res = resolve_prompts(prompts, reg, on_event)
     models_used = {cs.base_model.get("id") for cs in res.sets.values()}
     if model is None:

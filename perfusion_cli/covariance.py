@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from .registry import Registry, bundled_dir
-from .text import attention_mask, encode
+from .text import attention_mask, encode, quiet_diffusers
 
 
 @dataclass
@@ -50,7 +50,8 @@ def estimate(
     C, n = None, 0
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
-        e = encode(pipe, batch).embeds.double()                # (B, L, d)
+        with quiet_diffusers():
+            e = encode(pipe, batch).embeds.double()            # (B, L, d)
         mask = attention_mask(pipe, batch).to(e.device)[:, : e.shape[1]]
         x = e[mask]                                            # (tokens, d)
         C = x.T @ x if C is None else C + x.T @ x

@@ -61,11 +61,13 @@ class ConceptTensors:
     tau: float = 0.15                  # gate temperature τ (§7)
 
 
-def inverse_covariance(C: Tensor, ridge: float = 1e-6) -> Tensor:
+def inverse_covariance(C: Tensor, ridge: float = 1e-4) -> Tensor:
     """C⁻¹ in float64, with a relative ridge for numerically singular estimates (§3).
 
-    The ridge is ridge·trace(C)/d added to the diagonal; the bundled SD 1.x matrix (condition
-    number ~3.9e3) is changed by far less than its own estimation noise.
+    ridge·trace(C)/d is added to the diagonal. It bounds how much a near-null direction of C (a
+    small LayerNorm'd text encoder can have one) is amplified, to ~1/ridge of the mean variance.
+    For the bundled SD 1.x matrix (eigenvalues 1.13 … 4434, mean ≈ 20) it adds ~2e-3, about
+    0.2% of the smallest eigenvalue.
     """
     C = C.double()
     C = 0.5 * (C + C.T)

@@ -178,7 +178,7 @@ def load(
     dt = pick_dtype(dtype, dev)
     source, prof, model_id = resolve(model)
     path = Path(source).expanduser()
-    kw = dict(torch_dtype=dt)
+    kw = _dtype_kwarg(dt)
     try:
         if path.suffix in (".safetensors", ".ckpt") and path.is_file():
             pipe = StableDiffusionPipeline.from_single_file(str(path), **kw)
@@ -216,6 +216,13 @@ def load(
     if scheduler:
         set_sampler(pipe, scheduler)
     return BaseModel(pipe=pipe, id=model_id, profile=prof, device=dev, dtype=dt)
+
+
+def _dtype_kwarg(dt: torch.dtype) -> dict:
+    """Newer diffusers name it `dtype` (and deprecate `torch_dtype`); older releases only know the latter."""
+    from diffusers.pipelines import pipeline_utils
+
+    return {"dtype": dt} if hasattr(pipeline_utils, "_resolve_dtype") else {"torch_dtype": dt}
 
 
 def _sc(path: Path) -> dict:

@@ -121,6 +121,7 @@ class Job:
     seed: int
     index: int                     # position in the run
     image: int                     # position among this prompt's images
+    prompt_index: int = 0          # position of the prompt in the run
 
 
 @dataclass
@@ -132,14 +133,23 @@ class Written:
     settings: dict = field(default_factory=dict)
 
 
-def check_settings(s: RenderSettings) -> None:
-    if s.steps <= 0:
+def check_settings(s: RenderSettings, partial: bool = False) -> None:
+    """Raise PerfusionError for a bad setting. partial: 0/None/"" mean "not set yet" (profile default)."""
+    from .models import SAMPLERS
+
+    if s.steps <= 0 and not (partial and s.steps == 0):
         raise PerfusionError(f"--steps must be positive, got {s.steps}")
     if s.n <= 0:
         raise PerfusionError(f"-n must be positive, got {s.n}")
-    if s.cfg < 0:
+    if s.batch_size <= 0:
+        raise PerfusionError(f"--batch-size must be positive, got {s.batch_size}")
+    if s.cfg is not None and s.cfg < 0:
         raise PerfusionError(f"--cfg must be ≥ 0, got {s.cfg}")
+    if s.sampler and s.sampler not in SAMPLERS:
+        raise PerfusionError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     for label, v in (("--height", s.height), ("--width", s.width)):
+        if partial and v == 0:
+            continue
         if v <= 0 or v % 8:
             raise PerfusionError(f"{label} must be a positive multiple of 8, got {v}")
     try:
@@ -159,7 +169,7 @@ def plan(prompts: list[str], settings: RenderSettings, concept_names) -> list[Jo
         names = find_concepts(p, concept_names)
         for k in range(settings.n):
             i = len(jobs)
-            jobs.append(Job(prompt=p, concepts=names, seed=base + i, index=i, image=k))
+            jobs.append(Job(prompt=p, concepts=names, seed=base + i, index=i, image=k, prompt_index=p_i))
     return jobs
 
 
@@ -244,6 +254,7 @@ def render_jobs(
     """Render `jobs`, grouping those that use the same concepts into pipeline batches.
 
     Concepts are applied per group only, so a prompt never carries a concept it does not name.
+    `progress(done, total)` counts denoising steps over all batches.
     """
     from .models import set_sampler
 
@@ -255,7 +266,18 @@ def render_jobs(
     groups: dict[tuple, list[Job]] = {}
     for job in jobs:
         groups.setdefault(tuple(job.concepts), []).append(job)
-    done = 0
+    import math
+
+    total_steps = settings.steps * sum(math.ceil(len(g) / settings.batch_size) for g in groups.values())
+    done_steps = 0
+
+    def step_done(pipe_, i, t, callback_kwargs):
+        nonlocal done_steps
+        done_steps += 1
+        if progress:
+            progress(min(done_steps, total_steps), total_steps)
+        return callback_kwargs
+
     for names, group in groups.items():
         applied = Applied(pipe, [concepts[n] for n in names], C, gates, settings.exact, settings.global_lock) \
             if names else None
@@ -268,6 +290,7 @@ def render_jobs(
                     height=settings.height, width=settings.width,
                     negative_prompt=[settings.negative] * len(batch) if settings.negative else None,
                     generator=[torch.Generator(device="cpu").manual_seed(j.seed) for j in batch],
+                    callback_on_step_end=step_done,
                 )
                 with torch.no_grad():
                     result = applied(prompts, **kwargs) if applied else pipe(prompt=prompts, **kwargs)
@@ -282,15 +305,12 @@ def render_jobs(
                                             settings={**asdict(settings), "seed": job.seed, "model": model}))
                     name = settings.name_template.format(
                         index=job.index, seed=job.seed, slug=slug(job.prompt), image=job.image,
-                        prompt_index=job.index - job.image,
+                        prompt_index=job.prompt_index,
                     )
                     path = unique_path(out, name)
                     record["path"] = str(path)
                     write_atomic(path, png_bytes(image, a1111_parameters(job, settings, model, used), record))
                     written.append(Written(**record))
-                done += len(batch)
-                if progress:
-                    progress(done, len(jobs))
         finally:
             if applied:
                 applied.remove()

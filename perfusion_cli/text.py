@@ -39,10 +39,10 @@ def is_single_token(pipe, word: str) -> bool:
 
 def check_supercategory(pipe, word: str) -> str:
     """The supercategory must be one known token in every tokenizer (it is what keys lock to)."""
-    word = word.strip().lower()
+    word = " ".join(word.strip().lower().split())
     if not word:
         raise PerfusionError("the supercategory is empty; pass one word such as --super cat")
-    if not re.fullmatch(r"[a-z][a-z\-']*", word):
+    if not re.fullmatch(r"[a-z][a-z\-' ]*", word):
         raise PerfusionError(f"supercategory {word!r} must be one plain word (letters only), e.g. --super cat")
     if is_single_token(pipe, word):
         return word
@@ -192,6 +192,19 @@ def encode(pipe, prompts: list[str], device=None) -> Encoded:
     if len(out) == 4:  # SDXL: embeds, negative, pooled, negative pooled
         return Encoded(out[0], out[2])
     return Encoded(out[0], None)
+
+
+@contextmanager
+def quiet_diffusers():
+    """Silence diffusers' per-call warnings (e.g. "input was truncated") for bulk encoding."""
+    from diffusers.utils import logging as dlog
+
+    old = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(old)
 
 
 def attention_mask(pipe, prompts: list[str]) -> Tensor:

@@ -31,11 +31,11 @@ state = State(debug=bool(os.environ.get("PERFUSION_DEBUG")))
 def say(msg: str) -> None:
     """A message for the person at the terminal (stderr), unless --quiet."""
     if not state.quiet:
-        err.print(msg, markup=False)
+        err.print(msg, markup=False, soft_wrap=True)
 
 
 def warn(msg: str) -> None:
-    err.print(msg if msg.startswith("warning") else f"warning: {msg}", markup=False, style="yellow")
+    err.print(msg if msg.startswith("warning") else f"warning: {msg}", markup=False, style="yellow", soft_wrap=True)
 
 
 def event(msg: str) -> None:
@@ -43,7 +43,7 @@ def event(msg: str) -> None:
 
 
 def fail(msg: str, code: int = 2) -> None:
-    err.print(f"error: {msg}", markup=False, style="bold red")
+    err.print(f"error: {msg}", markup=False, style="bold red", soft_wrap=True)  # one line, never wrapped
     raise typer.Exit(code)
 
 

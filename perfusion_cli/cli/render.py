@@ -58,12 +58,15 @@ def render(
     prompts = read_prompts(prompt, prompts_file)
     if not prompts:
         fail("no prompt given; pass a prompt, or --prompts FILE (one prompt per line, - for stdin)")
+    for label, value in (("--steps", steps), ("--height", height), ("--width", width)):
+        if value is not None and value <= 0:  # 0 would otherwise mean "the profile's default" below
+            fail(f"{label} must be positive, got {value}")
     g_beta, n_beta = parse_named(bias, "--bias", 0.0, 1.0)
     g_tau, n_tau = parse_named(temperature, "--temperature", 0.0, 1.0, lo_open=True)
     gates = {}
     settings = RenderSettings(
         steps=steps or 0, cfg=cfg, negative=negative, height=height or 0, width=width or 0,
-        sampler=sampler or "", n=n, seed=seed, batch_size=max(1, batch_size), global_lock=global_lock,
+        sampler=sampler or "", n=n, seed=seed, batch_size=batch_size, global_lock=global_lock,
         exact=not approximate, name_template=name_template,
     )
     from ..registry import Registry
@@ -80,11 +83,17 @@ def render(
             n_tau.get(name, g_tau if g_tau is not None else c.tensors.tau),
         )
     with progress_bar() as bar:
-        task = bar.add_task("rendering", total=len(prompts) * n, info="")
+        tasks = []  # the bar appears with the first batch, not before an early error
+
+        def on_progress(done, total):
+            if not tasks:
+                tasks.append(bar.add_task("rendering", total=total, info="steps"))
+            bar.update(tasks[0], completed=done, total=total)
+
         written = api.render(
             prompts, out=out, model=model_option(model), device=device_option(device), dtype=dtype,
             settings=settings, gates=gates, beta=g_beta, tau=g_tau, registry=reg,
-            progress=lambda done, total: bar.update(task, completed=done, total=total), on_event=event,
+            progress=on_progress, on_event=event,
         )
     if json_out:
         emit_json([asdict(w) for w in written])

@@ -55,10 +55,12 @@ def train(
         checkpoint_every=checkpoint_every, validate_every=validate_every, templates=list(template or []),
     )
     with progress_bar() as bar:
-        task = bar.add_task("training", total=cfg.steps, info="")
+        tasks = []  # the bar appears with the first step, not before an early error
 
         def on_progress(p):
-            bar.update(task, completed=p.step, info=f"loss {p.loss:.4f}")
+            if not tasks:
+                tasks.append(bar.add_task("training", total=p.steps, completed=p.step - 1, info=""))
+            bar.update(tasks[0], completed=p.step, info=f"loss {p.loss:.4f}")
 
         entry = api.train(
             images, name=name, supercategory=super_, model=model, device=device_option(device), dtype=dtype,

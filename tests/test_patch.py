@@ -1,0 +1,181 @@
+"""Edits on real diffusers UNets: the hooks compute PERFUSION.md §2/§8, and removal is exact."""
+
+from __future__ import annotations
+
+import torch
+import pytest
+
+from perfusion_cli import patch as P
+from perfusion_cli.edit import ConceptTensors, inverse_covariance
+from perfusion_cli.text import EmbeddingOverride, encode, rewrite, slots_for
+from tiny_pipelines import TEXT_WIDTH, tiny_pipeline
+
+
+def random_concept(unet, d: int, seed: int, beta=0.7, tau=0.15) -> ConceptTensors:
+    g = torch.Generator().manual_seed(seed)
+    widths = P.layer_widths(unet)
+    return ConceptTensors(
+        i_star=torch.randn(d, generator=g),
+        key_targets={n: torch.randn(w, generator=g) for n, w in widths},
+        value_targets={n: torch.randn(w, generator=g) for n, w in widths},
+        beta=beta, tau=tau,
+    )
+
+
+def random_cov(d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(4 * d, d, generator=g, dtype=torch.float64)
+    return X.T @ X / (4 * d) + 0.1 * torch.eye(d, dtype=torch.float64)
+
+
+def unet_out(pipe, ehs, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    unet = pipe.unet
+    x = torch.randn(2, unet.config.in_channels, 16, 16, generator=g)
+    kw = {}
+    if getattr(unet.config, "addition_embed_type", None) == "text_time":
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.ones(2, 6)}
+    with torch.no_grad():
+        return unet(x, torch.tensor([10, 500]), encoder_hidden_states=ehs, **kw).sample
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
+def test_apply_then_remove_is_bit_identical(kind):
+    """Installing and removing edits leaves the pipeline bit-identical (outputs, state dict, hooks)."""
+    pipe = tiny_pipeline(kind)
+    d = TEXT_WIDTH[kind]
+    ehs = torch.randn(2, 12, d, generator=torch.Generator().manual_seed(1))
+    before = unet_out(pipe, ehs)
+    state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    concept = random_concept(pipe.unet, d, 2)
+    # make the concept fire on token 3 so the edit is visible
+    ehs[:, 3] = concept.i_star
+    before = unet_out(pipe, ehs)
+    patch = P.apply(pipe.unet, [concept], inverse_covariance(random_cov(d)))
+    during = unet_out(pipe, ehs)
+    assert not torch.allclose(during, before), "the edit must change the output"
+    patch.remove()
+    after = unet_out(pipe, ehs)
+    assert torch.equal(after, before)
+    assert state.keys() == pipe.unet.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in pipe.unet.state_dict().items())
+    for m in pipe.unet.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+def test_hooked_projection_matches_closed_form():
+    """to_v with the hook = W e − s(e)·W i* + σ((s(e)−β)/τ)·o*, at every token (§2)."""
+    pipe = tiny_pipeline("sd1")
+    d = TEXT_WIDTH["sd1"]
+    C = random_cov(d, 3)
+    Ci = torch.linalg.inv(C)
+    concept = random_concept(pipe.unet, d, 4, beta=0.6, tau=0.2)
+    name, attn = next(iter(P.cross_attention_layers(pipe.unet).items()))
+    e = torch.randn(1, 7, d, dtype=torch.float64)
+    e[0, 2] = concept.i_star.double()
+    i = concept.i_star.double()
+    E = i @ Ci @ i
+    s = (e @ Ci @ i) / E                                            # (1, 7)
+    gate = torch.sigmoid((s - 0.6) / 0.2)
+    for proj, o in ((attn.to_v, concept.value_targets[name]), (attn.to_k, concept.key_targets[name])):
+        W = proj.weight.double()
+        expected = e @ W.T - s[..., None] * (W @ i) + gate[..., None] * o.double()
+        with P.apply(pipe.unet, [concept], inverse_covariance(C, ridge=0.0)):
+            got = proj(e.float())
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+    assert torch.isclose(s[0, 2], torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_two_concepts_exact_each_with_own_gate():
+    """Two concepts, exact form: h = W e⊥ + Σ σ((s_c − β_c)/τ_c) o*_c (§8), checked in a real layer."""
+    pipe = tiny_pipeline("sd1")
+    d = TEXT_WIDTH["sd1"]
+    C = random_cov(d, 5)
+    Ci = torch.linalg.inv(C)
+    a, b = random_concept(pipe.unet, d, 6, 0.5, 0.1), random_concept(pipe.unet, d, 7, 0.8, 0.3)
+    name, attn = next(iter(P.cross_attention_layers(pipe.unet).items()))
+    e = torch.randn(5, d, dtype=torch.float64)
+    I = torch.stack([a.i_star, b.i_star]).double()                 # (2, d)
+    G = I @ Ci @ I.T
+    e_perp = e - (e @ Ci @ I.T) @ torch.linalg.inv(G) @ I          # remove span{i*} in the C⁻¹ metric
+    W = attn.to_v.weight.double()
+    expected = e_perp @ W.T
+    for c, beta, tau in ((a, 0.5, 0.1), (b, 0.8, 0.3)):
+        i = c.i_star.double()
+        s = (e @ Ci @ i) / (i @ Ci @ i)
+        expected = expected + torch.sigmoid((s - beta) / tau)[:, None] * c.value_targets[name].double()
+    with P.apply(pipe.unet, [a, b], inverse_covariance(C, ridge=0.0), exact=True):
+        got = attn.to_v(e.float())
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_check_refuses_other_unet():
+    """A concept made for another UNet's layers is refused with the layer named."""
+    sd1, sdxl = tiny_pipeline("sd1"), tiny_pipeline("sdxl")
+    concept = random_concept(sd1.unet, TEXT_WIDTH["sd1"], 0)
+    with pytest.raises(ValueError, match="layer|layers"):
+        P.apply(sdxl.unet, [concept], torch.eye(TEXT_WIDTH["sdxl"], dtype=torch.float64))
+
+
+def test_global_lock_feeds_keys_the_supercategory_prompt():
+    """With a KeySwap, to_k reads the supercategory encoding and to_v the concept encoding (§4)."""
+    pipe = tiny_pipeline("sd1")
+    d = TEXT_WIDTH["sd1"]
+    concept = random_concept(pipe.unet, d, 8)
+    g = torch.Generator().manual_seed(9)
+    e_concept, e_super, other = (torch.randn(12, d, generator=g) for _ in range(3))
+    seen = {}
+    name, attn = next(iter(P.cross_attention_layers(pipe.unet).items()))
+    hk = attn.to_k.register_forward_hook(lambda m, a, o: seen.__setitem__("k", a[0].clone()))
+    hv = attn.to_v.register_forward_hook(lambda m, a, o: seen.__setitem__("v", a[0].clone()))
+    try:
+        with P.apply(pipe.unet, [concept], torch.eye(d, dtype=torch.float64)) as patch:
+            patch.key_swaps.append(P.KeySwap(e_concept, e_super))
+            unet_out(pipe, torch.stack([other, e_concept]))        # CFG-like batch: [uncond, cond]
+    finally:
+        hk.remove()
+        hv.remove()
+    torch.testing.assert_close(seen["k"][1], e_super)               # K: the supercategory prompt
+    torch.testing.assert_close(seen["k"][0], other)                 # rows that are not the prompt: untouched
+    torch.testing.assert_close(seen["v"][1], e_concept)             # V: the concept prompt
+
+
+def test_rewrite_is_whole_word_and_case_insensitive():
+    assert rewrite("a MyCat and mycats, mycat.", {"mycat": "cat"}) == "a cat and mycats, cat."
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_slots_and_embedding_override(kind):
+    """The concept's embedding replaces the supercategory token's at exactly the concept's positions."""
+    pipe = tiny_pipeline(kind)
+    prompt = "a mycat and a cat near mycat"
+    tok = pipe.tokenizer
+    (slot,) = slots_for(tok, prompt, {"mycat": "cat"})
+    ids = slot.ids.tolist()
+    (cat_id,) = tok("cat", add_special_tokens=False).input_ids
+    cat_positions = [i for i, t in enumerate(ids) if t == cat_id]
+    assert len(cat_positions) == 3                                  # 2 from the concept, 1 real "cat"
+    assert slot.mask.nonzero().flatten().tolist() == [cat_positions[0], cat_positions[2]]
+
+    captured = []
+    emb = pipe.text_encoder.get_input_embeddings()
+    vectors = [torch.full((enc.get_input_embeddings().embedding_dim,), 7.0)
+               for _, enc in [(pipe.tokenizer, pipe.text_encoder)] + (
+                   [(pipe.tokenizer_2, pipe.text_encoder_2)] if kind == "sdxl" else [])]
+    with EmbeddingOverride(pipe) as ov:
+        ov.set_concepts([vectors])
+        ov.add_prompt(prompt, {"mycat": "cat"})
+        h = emb.register_forward_hook(lambda m, a, o: captured.append(o.detach().clone()))
+        try:
+            with torch.no_grad():
+                with_concept = encode(pipe, [rewrite(prompt, {"mycat": "cat"})]).embeds
+        finally:
+            h.remove()
+    out = captured[0][0]
+    assert torch.all(out[slot.mask] == 7.0)
+    assert not torch.any(out[~slot.mask] == 7.0)
+    with torch.no_grad():
+        plain = encode(pipe, [rewrite(prompt, {"mycat": "cat"})]).embeds
+    first = cat_positions[0]
+    assert torch.equal(with_concept[0, :first], plain[0, :first])   # causal encoder: before is unchanged
+    assert not torch.allclose(with_concept[0, first], plain[0, first])

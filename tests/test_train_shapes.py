@@ -1,0 +1,131 @@
+"""Train and render through tiny random pipelines of every supported shape (SD 1.x, SD 2.x, SDXL)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from perfusion_cli import models
+from perfusion_cli import patch as P
+from perfusion_cli.concept import ConceptSet, load, to_bytes
+from perfusion_cli.edit import inverse_covariance
+from perfusion_cli.images import PhotoSet
+from perfusion_cli.render import Applied
+from perfusion_cli.train import Trainer, TrainConfig
+from perfusion_cli.covariance import estimate
+from tiny_pipelines import IMAGE_SIZE, TEXT_WIDTH, tiny_pipeline
+
+PROMPTS = ["a cat on grass", "a red car", "a dog in the snow at night", "two blue boxes", "a house", "a tree"] * 4
+
+
+def base_of(pipe) -> models.BaseModel:
+    return models.BaseModel(pipe=pipe, id="tiny", profile=models._generic_profile(pipe),
+                            device=torch.device("cpu"), dtype=torch.float32)
+
+
+def photo_set(n=4) -> PhotoSet:
+    g = torch.Generator().manual_seed(0)
+    return PhotoSet(pixels=torch.rand(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g) * 2 - 1,
+                    paths=[Path(f"p{i}.png") for i in range(n)])
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
+def test_train_and_render_every_shape(kind, tmp_path):
+    pipe = tiny_pipeline(kind)
+    base = base_of(pipe)
+    assert base.resolution == IMAGE_SIZE
+    C = estimate(pipe, PROMPTS)
+    assert C.shape == (TEXT_WIDTH[kind],) * 2
+    cfg = TrainConfig(steps=3, batch_size=2, grad_accum=2, checkpoint_every=0, templates=["a photo of a {}", "a {}"])
+    trainer = Trainer(base, "mycat", "cat", inverse_covariance(C), cfg)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    text_before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    losses = []
+    concept = trainer.fit(photo_set(), progress=lambda p: losses.append(p.loss), workdir=tmp_path)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+    # what was trained moved, what is locked did not, the base model is untouched (§5)
+    widths = dict(P.layer_widths(pipe.unet))
+    assert set(concept.tensors.value_targets) == set(widths)
+    for name, attn in P.cross_attention_layers(pipe.unet).items():
+        assert concept.tensors.value_targets[name].shape == (widths[name],)
+    n_enc = 2 if kind == "sdxl" else 1
+    assert len(concept.embeddings) == n_enc
+    (super_id,) = pipe.tokenizer("cat", add_special_tokens=False).input_ids
+    assert not torch.allclose(concept.embeddings[0], pipe.text_encoder.get_input_embeddings().weight[super_id])
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+    assert all(torch.equal(text_before[k], v) for k, v in pipe.text_encoder.state_dict().items())
+    for m in pipe.unet.modules():
+        assert not m._forward_hooks, "training must remove its hooks"
+
+    # o*_K = W_K i_super stays locked while o*_V trains
+    name, attn = next(iter(P.cross_attention_layers(pipe.unet).items()))
+    k = concept.tensors.key_targets[name]
+    assert k.shape == (widths[name],)
+
+    # file round trip, then render through the real pipeline with the concept in the prompt
+    cs = ConceptSet(name="mycat", concepts=[concept], base_model={"id": "tiny", "fingerprint": "x", "family": kind},
+                    covariance={"fingerprint": "y", "source": "test"})
+    f = tmp_path / "mycat.safetensors"
+    f.write_bytes(to_bytes(cs, torch.float32))
+    loaded = load(f).concepts[0]
+    torch.testing.assert_close(loaded.tensors.value_targets[name], concept.tensors.value_targets[name])
+    with Applied(pipe, [loaded], C) as applied, torch.no_grad():
+        out = applied(["a mycat on grass"], num_inference_steps=2, height=IMAGE_SIZE, width=IMAGE_SIZE,
+                      generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert out.shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3) and out.std() > 1e-3
+    with Applied(pipe, [loaded], C, global_lock=True) as applied, torch.no_grad():
+        locked = applied(["a mycat on grass"], num_inference_steps=2, height=IMAGE_SIZE, width=IMAGE_SIZE,
+                         generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert locked.shape == out.shape and not (locked == out).all(), "global locking changes the keys"
+
+
+def test_key_targets_are_locked_and_value_targets_train(tmp_path):
+    """o*_K = W_K·i_super exactly and never trains; o*_V starts at W_V·i_super and moves (§4, §5)."""
+    pipe = tiny_pipeline("sd1")
+    C = estimate(pipe, PROMPTS)
+    cfg = TrainConfig(steps=2, batch_size=2, grad_accum=1, checkpoint_every=0, templates=["a photo of a {}"])
+    trainer = Trainer(base_of(pipe), "mycat", "cat", inverse_covariance(C), cfg)
+    concept = trainer.fit(photo_set(), workdir=tmp_path)
+    # i_super, independently: the encoding of "a photo of a cat" at the word "cat"
+    with torch.no_grad():
+        e = pipe.encode_prompt("a photo of a cat", "cpu", 1, False)[0][0]
+    ids = pipe.tokenizer("a photo of a cat").input_ids
+    (cat,) = pipe.tokenizer("cat", add_special_tokens=False).input_ids
+    i_super = e[ids.index(cat)]
+    for name, attn in P.cross_attention_layers(pipe.unet).items():
+        torch.testing.assert_close(concept.tensors.key_targets[name], attn.to_k.weight @ i_super, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(concept.tensors.value_targets[name], attn.to_v.weight @ i_super, atol=1e-4)
+
+
+def test_resume_continues_from_checkpoint(tmp_path):
+    """--resume: a run stopped after a checkpoint continues to the same result as an uninterrupted run."""
+    pipe = tiny_pipeline("sd1")
+    C = inverse_covariance(estimate(pipe, PROMPTS))
+    cfg = dict(batch_size=2, grad_accum=1, templates=["a photo of a {}"], checkpoint_every=2, seed=3)
+    full = Trainer(base_of(pipe), "mycat", "cat", C, TrainConfig(steps=4, **cfg)).fit(photo_set(), workdir=tmp_path / "a")
+    Trainer(base_of(pipe), "mycat", "cat", C, TrainConfig(steps=2, **cfg)).fit(photo_set(), workdir=tmp_path / "b")
+    assert (tmp_path / "b" / "checkpoint.safetensors").is_file()
+    resumed = Trainer(base_of(pipe), "mycat", "cat", C, TrainConfig(steps=4, **cfg)).fit(
+        photo_set(), workdir=tmp_path / "b", resume=True)
+    for name in full.tensors.value_targets:
+        torch.testing.assert_close(resumed.tensors.value_targets[name], full.tensors.value_targets[name],
+                                   rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(resumed.embeddings[0], full.embeddings[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(resumed.tensors.i_star, full.tensors.i_star, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_mask_is_soft_and_per_image(tmp_path):
+    """--mask attention: one soft mask per photo in [0, 1] from the model's own cross-attention."""
+    pipe = tiny_pipeline("sd1")
+    C = inverse_covariance(estimate(pipe, PROMPTS))
+    cfg = TrainConfig(steps=1, batch_size=2, grad_accum=1, templates=["a photo of a {}"], mask="attention",
+                      checkpoint_every=0)
+    trainer = Trainer(base_of(pipe), "mycat", "cat", C, cfg)
+    trainer.fit(photo_set(3), workdir=tmp_path)
+    m = trainer.masks
+    assert m is not None and m.shape[0] == 6                        # 3 photos and their mirror images
+    torch.testing.assert_close(m.mean(dim=(1, 2)), torch.ones(6))   # normalised per image (§11)
+    assert (m > 0).all() and m.std() > 0
