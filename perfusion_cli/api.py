@@ -114,7 +114,6 @@ def train(
     on_event(f"{len(photos.paths)} photos at {base.resolution}px")
     supercategory = check_supercategory(base.pipe, supercategory)
     check_concept_word(base.pipe, name)
-    on_event("text-encoder covariance: looking up")
     cov = cov_mod.for_model(base, reg)
     on_event(f"text-encoder covariance: {cov.source}")
     trainer = Trainer(base, name, supercategory, _inverse(cov.C), cfg)
