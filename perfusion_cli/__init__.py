@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 _API = {
     "train": "api", "render": "api", "apply": "api", "combine": "api", "load_concept_set": "api",
-    "Applied": "render", "Gate": "render", "RenderSettings": "render", "TrainConfig": "train",
+    "Applied": "rendering", "Gate": "rendering", "RenderSettings": "rendering", "TrainConfig": "training",
     "Registry": "registry", "PerfusionError": "errors", "ConceptTensors": "edit", "Concept": "concept",
     "ConceptSet": "concept", "load_model": ("models", "load"),
 }

@@ -26,9 +26,9 @@ from .concept import Concept, ConceptSet
 from .errors import PerfusionError
 from .images import load_photos
 from .registry import Entry, Registry, validate_name
-from .render import Applied, Gate, RenderSettings, Written, check_settings, plan, render_jobs
+from .rendering import Applied, Gate, RenderSettings, Written, check_settings, plan, render_jobs
 from .text import check_concept_word, check_supercategory, find_concepts
-from .train import Progress, Trainer, TrainConfig
+from .training import Progress, Trainer, TrainConfig
 
 Events = Callable[[str], None]
 
@@ -100,7 +100,7 @@ def train(
     validate_name(name)
     if not force and (reg.user_path(name).exists() or reg.bundled_path(name).exists()):
         raise PerfusionError(f"concept {name!r} already exists; use --force to overwrite or choose another --name")
-    from .train import check_config
+    from .training import check_config
 
     check_config(cfg)
     _, prof, _ = models.resolve(model)
@@ -140,7 +140,7 @@ def _inverse(C):
 
 
 def _validator(base, name, supercategory, C, workdir: Path, on_event: Events):
-    from .render import png_bytes, write_atomic
+    from .rendering import png_bytes, write_atomic
 
     prompts = [f"a {name}", f"a {name} on a beach", f"a {name} in the snow"]
 

@@ -33,6 +33,7 @@ class Profile:
     aliases: list[str] = field(default_factory=list)
     covariance: str | None = None           # bundled covariance file, relative to the bundled registry
     text_encoder: dict = field(default_factory=dict)  # config values identifying the text encoder
+    text_fingerprints: list[str] = field(default_factory=list)  # models.text_fingerprint values it covers
     render: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     templates: list[str] = field(default_factory=list)
@@ -56,6 +57,11 @@ def find_profile(model: str) -> Profile | None:
 
 
 def profile_for_text_encoder(pipe) -> Profile | None:
+    """The profile of a pipeline loaded by the user: by text-encoder fingerprint, else by configuration."""
+    fp = text_fingerprint(pipe)
+    for p in profiles().values():
+        if fp in p.text_fingerprints:
+            return p
     cfg = pipe.text_encoder.config
     for p in profiles().values():
         if p.text_encoder and getattr(pipe, "text_encoder_2", None) is None and all(

@@ -70,7 +70,7 @@ def trained_toy_concept(tmp_path_factory, covariance_cache):
 
     from perfusion_cli import api
     from perfusion_cli.registry import Registry
-    from perfusion_cli.train import TrainConfig
+    from perfusion_cli.training import TrainConfig
 
     root = tmp_path_factory.mktemp("trained")
     (root / "home").mkdir()

@@ -12,8 +12,8 @@ from perfusion_cli import patch as P
 from perfusion_cli.concept import ConceptSet, load, to_bytes
 from perfusion_cli.edit import inverse_covariance
 from perfusion_cli.images import PhotoSet
-from perfusion_cli.render import Applied
-from perfusion_cli.train import Trainer, TrainConfig
+from perfusion_cli.rendering import Applied
+from perfusion_cli.training import Trainer, TrainConfig
 from perfusion_cli.covariance import estimate
 from tiny_pipelines import IMAGE_SIZE, TEXT_WIDTH, tiny_pipeline
 

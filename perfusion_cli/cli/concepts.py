@@ -137,7 +137,7 @@ def combine(
 ):
     """Combine concepts into one entry (same base model and covariance required)."""
     from .. import api
-    from ..render import Gate
+    from ..rendering import Gate
 
     g_beta, n_beta = parse_named(bias, "--bias", 0.0, 1.0)
     g_tau, n_tau = parse_named(temperature, "--temperature", 0.0, 1.0, lo_open=True)

@@ -53,7 +53,7 @@ def render(
 ):
     """Render prompts; concepts named in a prompt are applied. Prints each written path."""
     from .. import api
-    from ..render import Gate, RenderSettings
+    from ..rendering import Gate, RenderSettings
 
     prompts = read_prompts(prompt, prompts_file)
     if not prompts:

@@ -41,7 +41,7 @@ def train(
 ):
     """Learn a concept from photos and store it in the registry."""
     from .. import api, models
-    from ..train import TrainConfig
+    from ..training import TrainConfig
 
     model = model_option(model) or models.DEFAULT_MODEL
     prof = models.find_profile(model)
