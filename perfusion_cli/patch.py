@@ -1,16 +1,21 @@
 """Put Perfusion edits onto a diffusers UNet and take them off again.
 
 Every cross-attention block (diffusers: each `attn2`) has two projections from text encodings,
-`to_k` and `to_v`. We never replace them: a forward hook adds edit.LayerEdit.delta(e) to each
-one's output, so the UNet's modules, parameters and state dict stay untouched and removing the
-hooks restores the original pipeline bit for bit. Any bias of to_k/to_v (SD 2.x/SDXL variants) stays
-outside the edit: the rank-1 edit acts on the linear part W e (PERFUSION.md §2, §11).
+`to_k` and `to_v`. We never replace them: each gets an instance-level `forward` wrapper that adds
+edit.LayerEdit.delta(e) to the projection's own output, so the UNet's modules, parameters and state
+dict stay untouched and removing the wrappers restores the original pipeline bit for bit (an
+instance-level forward that was there before, e.g. accelerate's offloading, is put back). Any bias of
+to_k/to_v (SD 2.x/SDXL variants) stays outside the edit: the rank-1 edit acts on W e (§2, §11).
 
 Global locking (§4, a render option): the K path sees the prompt with the supercategory word in
 place of the concept, the V path the prompt with the concept. A pre-hook on the UNet maps each row of
-`encoder_hidden_states` that is a known concept-prompt encoding to its supercategory twin; a
-pre-hook on each to_k feeds that twin in, and the K edit is left off (the K path then *is* the
-supercategory's).
+`encoder_hidden_states` that is a known concept-prompt encoding to its supercategory twin; to_k reads
+that twin, and the K edit is left off (the K path then *is* the supercategory's).
+
+K/V cache (rendering): the text encodings are the same tensor at every denoising step, so with
+`patch.cache = True` each projection's edited output is computed once per render and reused. The
+cache holds a reference to its input (so its memory cannot be reused by another tensor) and checks
+the tensor's identity and version counter; `clear_cache()` drops it.
 
 Knows diffusers' module layout; knows nothing of files or the CLI.
 """
@@ -56,19 +61,34 @@ class KeySwap:
 
 @dataclass
 class Patch:
-    """The hooks of one application of edits; `remove()` restores the UNet exactly."""
+    """One application of edits (and/or the K/V cache); `remove()` restores the UNet exactly."""
 
     unet: nn.Module
     edits: dict[str, tuple[LayerEdit | None, LayerEdit]] = field(default_factory=dict)  # layer -> (K, V)
     key_swaps: list[KeySwap] = field(default_factory=list)
+    cache: bool = False
     handles: list = field(default_factory=list)
-    _key_context: Tensor | None = None
+    wrapped: list = field(default_factory=list)   # (projection, its previous instance-level forward)
+    _key_context: tuple | None = None             # (key context, swapped rows) during a UNet call
+    _key_memo: tuple | None = None                # (encoder_hidden_states, version, key context)
+    _memo: dict = field(default_factory=dict)     # (layer, "k"|"v") -> (input, version, output)
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        for proj, previous in reversed(self.wrapped):
+            if previous is None:
+                del proj.forward
+            else:
+                proj.forward = previous
         self.handles.clear()
+        self.wrapped.clear()
         self.edits.clear()
+        self.clear_cache()
+
+    def clear_cache(self) -> None:
+        self._memo.clear()
+        self._key_memo = None
         self._key_context = None
 
     def __enter__(self) -> "Patch":
@@ -81,7 +101,10 @@ class Patch:
     def _find_key_context(self, ehs: Tensor) -> Tensor | None:
         if not self.key_swaps:
             return None
-        out, hit = ehs.clone(), False
+        if self.cache and self._key_memo and self._key_memo[0] is ehs and self._key_memo[1] == ehs._version:
+            return self._key_memo[2]
+        out = ehs.clone()
+        swapped = torch.zeros(ehs.shape[0], dtype=torch.bool, device=ehs.device)
         for swap in self.key_swaps:
             c = swap.concept.to(ehs.device, ehs.dtype)
             if c.shape != ehs.shape[1:]:
@@ -90,41 +113,55 @@ class Patch:
             rows = (ehs - c).abs().flatten(1).amax(1) <= tol
             if rows.any():
                 out[rows] = swap.super_.to(ehs.device, ehs.dtype)
-                hit = True
-        return out if hit else None
+                swapped |= rows
+        out = (out, swapped) if swapped.any() else None
+        if self.cache:
+            self._key_memo = (ehs, ehs._version, out)
+        return out
+
+    # -- the edited projection ------------------------------------------------------------
+    def _wrap(self, proj: nn.Module, name: str, which: str) -> None:
+        inner = proj.forward                       # bound: the class's, or a wrapper already there
+        previous = proj.__dict__.get("forward")
+        slot = 0 if which == "k" else 1
+
+        def forward(e: Tensor, *args, **kwargs) -> Tensor:
+            x, keep = e, None
+            if which == "k" and self._key_context is not None and e.shape == self._key_context[0].shape:
+                # global locking: swapped rows read the supercategory prompt, with no K edit
+                x, keep = self._key_context[0].to(e.dtype), ~self._key_context[1]
+            if self.cache:
+                hit = self._memo.get((name, which))
+                if hit is not None and hit[0] is x and hit[1] == x._version:
+                    return hit[2]
+            out = inner(x, *args, **kwargs)
+            edit = self.edits.get(name, (None, None))[slot]
+            if edit is not None:
+                delta = edit.delta(x)
+                out = out + (delta if keep is None else delta * keep.view(-1, *[1] * (delta.dim() - 1)))
+            if self.cache:
+                self._memo[(name, which)] = (x, x._version, out)
+            return out
+
+        proj.forward = forward
+        self.wrapped.append((proj, previous))
 
 
-def attach(unet: nn.Module) -> Patch:
-    """Install the (initially empty) hooks. Edits are set in `patch.edits` by `apply` or a trainer."""
-    patch = Patch(unet)
+def attach(unet: nn.Module, cache: bool = False) -> Patch:
+    """Install the (initially empty) wrappers. Edits are set in `patch.edits` by `apply` or a trainer.
+
+    cache=True memoises each projection's output on its input tensor: for rendering only (a trainer
+    changes the edits every step)."""
+    patch = Patch(unet, cache=cache)
 
     def unet_pre(module, args, kwargs):
         ehs = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         patch._key_context = patch._find_key_context(ehs) if ehs is not None else None
 
     patch.handles.append(unet.register_forward_pre_hook(unet_pre, with_kwargs=True))
-
     for name, attn in cross_attention_layers(unet).items():
-
-        def k_pre(module, args, name=name):
-            kc = patch._key_context
-            if kc is not None and args and args[0].shape == kc.shape:
-                return (kc.to(args[0].dtype),) + tuple(args[1:])
-            return None
-
-        def k_post(module, args, output, name=name):
-            edit = patch.edits.get(name, (None, None))[0]
-            if edit is None or patch._key_context is not None:
-                return output
-            return output + edit.delta(args[0])
-
-        def v_post(module, args, output, name=name):
-            edit = patch.edits.get(name, (None, None))[1]
-            return output if edit is None else output + edit.delta(args[0])
-
-        patch.handles.append(attn.to_k.register_forward_pre_hook(k_pre))
-        patch.handles.append(attn.to_k.register_forward_hook(k_post))
-        patch.handles.append(attn.to_v.register_forward_hook(v_post))
+        patch._wrap(attn.to_k, name, "k")
+        patch._wrap(attn.to_v, name, "v")
     return patch
 
 
@@ -168,11 +205,12 @@ def apply(
     betas: list[float] | None = None,
     taus: list[float] | None = None,
     labels: list[str] | None = None,
+    cache: bool = False,
 ) -> Patch:
     """Apply one or several concepts to a UNet (§2, §8); each keeps its own β, τ.
 
-    `betas`/`taus` override the concepts' stored defaults. Returns a Patch; `patch.remove()` (or a
-    `with` block) takes the edits off again.
+    `betas`/`taus` override the concepts' stored defaults; `cache` memoises K/V across denoising
+    steps. Returns a Patch; `patch.remove()` (or a `with` block) takes the edits off again.
     """
     labels = labels or [f"#{i}" for i in range(len(concepts))]
     for c, label in zip(concepts, labels):
@@ -182,7 +220,7 @@ def apply(
     taus = taus if taus is not None else [c.tau for c in concepts]
     i_stars = torch.stack([c.i_star.to(dev) for c in concepts])
     inputs = concept_inputs(i_stars, C_inv, betas, taus, exact=exact)
-    patch = attach(unet)
+    patch = attach(unet, cache=cache)
     patch.edits.update(build_edits(
         unet, inputs, [c.key_targets for c in concepts], [c.value_targets for c in concepts]
     ))

@@ -39,10 +39,11 @@ class Applied:
     gates:        per-concept β/τ overrides by name; others use the concept's stored defaults
     exact:        exact (C⁻¹-orthonormal) or approximate multi-concept edit (PERFUSION.md §8)
     global_lock:  K path reads the prompt with supercategory words in place of concepts (§4)
+    cache:        compute each layer's edited K/V once per call and reuse it at every denoising step
     """
 
     def __init__(self, pipe, concepts: list[Concept], C: torch.Tensor, gates: dict[str, Gate] | None = None,
-                 exact: bool = True, global_lock: bool = False):
+                 exact: bool = True, global_lock: bool = False, cache: bool = True):
         from .edit import inverse_covariance
 
         self.pipe, self.concepts, self.global_lock = pipe, list(concepts), global_lock
@@ -56,6 +57,7 @@ class Applied:
             self.patch = patching.apply(
                 pipe.unet, [c.tensors for c in self.concepts], inverse_covariance(C), exact=exact,
                 betas=[self.gates[n].beta for n in names], taus=[self.gates[n].tau for n in names], labels=names,
+                cache=cache,
             )
         except ValueError as e:
             raise PerfusionError(f"{e}; was it trained on another base model?") from None
@@ -66,6 +68,7 @@ class Applied:
         """Register prompts that name concepts; returns them as the pipeline must be given them."""
         self.override.clear_prompts()
         self.patch.key_swaps.clear()
+        self.patch.clear_cache()
         rewritten = []
         for p in prompts:
             self.override.add_prompt(p, self.supers)
@@ -83,7 +86,10 @@ class Applied:
     def __call__(self, prompt: str | list[str], **kwargs):
         """Run the pipeline on `prompt` (which may name the concepts); kwargs go to the pipeline."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        return self.pipe(prompt=self.prepare(prompts), **kwargs)
+        try:
+            return self.pipe(prompt=self.prepare(prompts), **kwargs)
+        finally:
+            self.patch.clear_cache()  # drop the cached K/V (and the references they hold)
 
     def remove(self) -> None:
         self.patch.remove()
@@ -281,6 +287,7 @@ def render_jobs(
     for names, group in groups.items():
         applied = Applied(pipe, [concepts[n] for n in names], C, gates, settings.exact, settings.global_lock) \
             if names else None
+        plain = None if names else patching.attach(pipe.unet, cache=True)  # the K/V cache alone
         try:
             for start in range(0, len(group), settings.batch_size):
                 batch = group[start:start + settings.batch_size]
@@ -293,7 +300,11 @@ def render_jobs(
                     callback_on_step_end=step_done,
                 )
                 with torch.no_grad():
-                    result = applied(prompts, **kwargs) if applied else pipe(prompt=prompts, **kwargs)
+                    if applied:
+                        result = applied(prompts, **kwargs)
+                    else:
+                        result = pipe(prompt=prompts, **kwargs)
+                        plain.clear_cache()
                 for job, image in zip(batch, result.images):
                     used = [{
                         "name": n,
@@ -314,4 +325,6 @@ def render_jobs(
         finally:
             if applied:
                 applied.remove()
+            if plain:
+                plain.remove()
     return written

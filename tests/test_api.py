@@ -80,3 +80,18 @@ def test_apply_uses_the_bundled_covariance_of_a_known_model(toy_base, monkeypatc
     base = models.BaseModel(pipe=toy_base.pipe, id="x", profile=models.profile_for_text_encoder(toy_base.pipe),
                             device=toy_base.device, dtype=toy_base.dtype)
     assert covariance.for_model(base).source.startswith("bundled:")
+
+
+def test_kv_cache_does_not_change_renders(toy_base, registry_with_concept):
+    """The render cache (default) gives the same pixels as recomputing K/V at every step."""
+    from perfusion_cli.api import load_concept_set
+    from perfusion_cli.covariance import for_model
+    from perfusion_cli.rendering import Applied
+
+    cs, _ = load_concept_set("mybox")
+    C = for_model(toy_base).C
+    out = {}
+    for cache in (False, True):
+        with Applied(toy_base.pipe, cs.concepts, C, cache=cache, global_lock=True) as a:
+            out[cache] = render(a, ["a mybox on grass", "a red ball"], seed=3)
+    assert (out[True] == out[False]).all()

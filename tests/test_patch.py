@@ -118,7 +118,7 @@ def test_layer_check_refuses_other_unet():
 
 
 def test_global_lock_feeds_keys_the_supercategory_prompt():
-    """With a KeySwap, to_k reads the supercategory encoding and to_v the concept encoding (§4)."""
+    """With a KeySwap, to_k computes W_K·e_super (no K edit) and to_v reads the concept encoding (§4)."""
     pipe = tiny_pipeline("sd1")
     d = TEXT_WIDTH["sd1"]
     concept = random_concept(pipe.unet, d, 8)
@@ -126,18 +126,51 @@ def test_global_lock_feeds_keys_the_supercategory_prompt():
     e_concept, e_super, other = (torch.randn(12, d, generator=g) for _ in range(3))
     seen = {}
     name, attn = next(iter(P.cross_attention_layers(pipe.unet).items()))
-    hk = attn.to_k.register_forward_hook(lambda m, a, o: seen.__setitem__("k", a[0].clone()))
+    hk = attn.to_k.register_forward_hook(lambda m, a, o: seen.__setitem__("k", o.clone()))
     hv = attn.to_v.register_forward_hook(lambda m, a, o: seen.__setitem__("v", a[0].clone()))
     try:
         with P.apply(pipe.unet, [concept], torch.eye(d, dtype=torch.float64)) as patch:
             patch.key_swaps.append(P.KeySwap(e_concept, e_super))
             unet_out(pipe, torch.stack([other, e_concept]))        # CFG-like batch: [uncond, cond]
+            k_edit = patch.edits[name][0]
     finally:
         hk.remove()
         hv.remove()
-    torch.testing.assert_close(seen["k"][1], e_super)               # K: the supercategory prompt
-    torch.testing.assert_close(seen["k"][0], other)                 # rows that are not the prompt: untouched
-    torch.testing.assert_close(seen["v"][1], e_concept)             # V: the concept prompt
+    W = attn.to_k.weight
+    torch.testing.assert_close(seen["k"][1], e_super @ W.T)                          # K: supercategory prompt
+    torch.testing.assert_close(seen["k"][0], other @ W.T + k_edit.delta(other))      # other rows: as usual
+    torch.testing.assert_close(seen["v"][1], e_concept)                              # V: the concept prompt
+
+
+def test_kv_cache_reuses_outputs_and_is_exact():
+    """With cache=True each projection runs once per encoder_hidden_states tensor; results are unchanged."""
+    pipe = tiny_pipeline("sd1")
+    d = TEXT_WIDTH["sd1"]
+    concept = random_concept(pipe.unet, d, 10)
+    ehs = torch.randn(2, 12, d, generator=torch.Generator().manual_seed(11))
+    name, attn = next(iter(P.cross_attention_layers(pipe.unet).items()))
+    calls = []
+    cls_forward = type(attn.to_v).forward
+    attn.to_v.forward = lambda e: (calls.append(1), cls_forward(attn.to_v, e))[1]   # counts real projections
+    try:
+        with P.apply(pipe.unet, [concept], torch.eye(d, dtype=torch.float64)):
+            uncached = [unet_out(pipe, ehs, seed=s) for s in (0, 1)]
+        n_uncached, calls[:] = len(calls), []
+        with P.apply(pipe.unet, [concept], torch.eye(d, dtype=torch.float64), cache=True) as patch:
+            cached = [unet_out(pipe, ehs, seed=s) for s in (0, 1)]
+            assert len(calls) == 1                                   # the second step reused the first's
+            assert len(patch._memo) == 2 * len(P.cross_attention_layers(pipe.unet))
+            ehs.add_(0)                                             # in-place change: version bump
+            recomputed = unet_out(pipe, ehs, seed=0)
+            assert len(calls) == 2
+        assert attn.to_v.__dict__["forward"] is not None            # the earlier instance forward is back
+    finally:
+        del attn.to_v.forward
+    for a, b in zip(uncached, cached):
+        assert torch.equal(a, b)
+    assert torch.equal(recomputed, cached[0])
+    assert n_uncached == 2
+    assert "forward" not in attn.to_v.__dict__                      # wrappers gone after removal
 
 
 def test_rewrite_is_whole_word_and_case_insensitive():
