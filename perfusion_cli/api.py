@@ -52,7 +52,7 @@ def load_concept_set(name_or_path: str | Path, registry: Registry | None = None)
 
 def apply(pipe, concepts: list[str | Path | Concept], gates: dict[str, Gate] | None = None,
           exact: bool = True, global_lock: bool = False, check_model: bool = True,
-          registry: Registry | None = None) -> Applied:
+          registry: Registry | None = None, cache: bool = True) -> Applied:
     """Apply concepts (registry names, file paths, or Concept objects) to a loaded diffusers pipeline.
 
     The covariance is the one perfusion uses for that pipeline's text encoder (bundled, cached or
@@ -74,7 +74,7 @@ def apply(pipe, concepts: list[str | Path | Concept], gates: dict[str, Gate] | N
     base = models.BaseModel(pipe=pipe, id="pipeline", profile=models.profile_for_text_encoder(pipe)
                             or models._generic_profile(pipe), device=pipe.device, dtype=pipe.unet.dtype)
     C = cov_mod.for_model(base, registry).C
-    return Applied(pipe, members, C, gates=gates, exact=exact, global_lock=global_lock)
+    return Applied(pipe, members, C, gates=gates, exact=exact, global_lock=global_lock, cache=cache)
 
 
 # -- train ------------------------------------------------------------------------------------
