@@ -55,6 +55,7 @@ class TrainConfig:
     checkpoint_every: int = 50    # steps between resumable checkpoints (0: never)
     validate_every: int = 0       # steps between validation renders (0: never)
     templates: list[str] = field(default_factory=list)  # "{}" is the concept; empty: the profile's or defaults
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
 
 
 @dataclass
@@ -205,6 +206,9 @@ class Trainer:
     ) -> Concept:
         cfg, pipe, unet = self.cfg, self.pipe, self.pipe.unet
         self.cache_latents(photos)
+        checkpointing = cfg.gradient_checkpointing and hasattr(unet, "enable_gradient_checkpointing")
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
         override = EmbeddingOverride(pipe)
         patch = patching.attach(unet)
         try:
@@ -256,6 +260,8 @@ class Trainer:
         finally:
             patch.remove()
             override.remove()
+            if checkpointing:
+                unet.disable_gradient_checkpointing()
         return Concept(
             name=self.name, supercategory=self.super, tensors=self.tensors(state),
             embeddings=[e.detach().float().cpu().clone() for e in state.embeddings],

@@ -129,3 +129,20 @@ def test_attention_mask_is_soft_and_per_image(tmp_path):
     assert m is not None and m.shape[0] == 6                        # 3 photos and their mirror images
     torch.testing.assert_close(m.mean(dim=(1, 2)), torch.ones(6))   # normalised per image (§11)
     assert (m > 0).all() and m.std() > 0
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path):
+    """--low-memory recomputes activations; the trained tensors match a normal run, and it is switched off after."""
+    pipe = tiny_pipeline("sd1")
+    C = inverse_covariance(estimate(pipe, PROMPTS))
+    cfg = dict(steps=2, batch_size=2, grad_accum=1, templates=["a photo of a {}"], checkpoint_every=0, seed=4)
+    plain = Trainer(base_of(pipe), "mycat", "cat", C, TrainConfig(**cfg)).fit(photo_set(), workdir=tmp_path / "a")
+    during = []
+    low = Trainer(base_of(pipe), "mycat", "cat", C, TrainConfig(gradient_checkpointing=True, **cfg)).fit(
+        photo_set(), workdir=tmp_path / "b",
+        progress=lambda p: during.append(any(getattr(m, "gradient_checkpointing", False) for m in pipe.unet.modules())))
+    assert during == [True, True]
+    for name in plain.tensors.value_targets:
+        torch.testing.assert_close(low.tensors.value_targets[name], plain.tensors.value_targets[name],
+                                   rtol=1e-4, atol=1e-5)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in pipe.unet.modules())

@@ -35,6 +35,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from this name's last checkpoint."),
     validate_every: int = typer.Option(0, "--validate-every", help="Write sample renders every N steps (0: never)."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
+    low_memory: bool = typer.Option(False, "--low-memory", help="Gradient checkpointing in the UNet: less GPU memory, slower."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing concept of that name."),
     fp32: bool = typer.Option(False, "--fp32", help="Store the concept in fp32 (default fp16)."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON record instead of the path."),
@@ -53,6 +54,7 @@ def train(
         lr_embedding=lr_embedding, lr_value=lr_value, train_beta=train_beta, train_tau=train_tau,
         render_beta=beta, render_tau=tau, flip=flip, mask=mask, seed=seed,
         checkpoint_every=checkpoint_every, validate_every=validate_every, templates=list(template or []),
+        gradient_checkpointing=low_memory,
     )
     with progress_bar() as bar:
         tasks = []  # the bar appears with the first step, not before an early error
