@@ -26,7 +26,8 @@ from .concept import Concept, ConceptSet
 from .errors import PerfusionError
 from .images import load_photos
 from .registry import Entry, Registry, validate_name
-from .rendering import Applied, Gate, RenderSettings, Written, check_settings, plan, render_jobs
+from .rendering import (Applied, Gate, RenderSettings, Written, check_settings, plan, process_share, render_jobs,
+                        shard)
 from .text import check_concept_word, check_supercategory, find_concepts
 from .training import Progress, Trainer, TrainConfig
 
@@ -248,6 +249,12 @@ def render(
     unknown = set(gates or {}) - set(res.concepts)
     if unknown:
         raise PerfusionError(f"--bias/--temperature name {', '.join(sorted(unknown))}, which no prompt uses")
+    rank, world, local_rank = process_share()
+    if world > 1:
+        if settings.seed is None:
+            raise PerfusionError("pass --seed when rendering with several processes, so that they share one seed plan")
+        if device == "auto" and torch.cuda.is_available():
+            device = f"cuda:{local_rank % torch.cuda.device_count()}"
     on_event(f"loading base model {model}")
     base = models.load(model, device=device, dtype=dtype)
     fp = base.fingerprint
@@ -278,6 +285,9 @@ def render(
         g = Gate(c.tensors.beta if beta is None else beta, c.tensors.tau if tau is None else tau)
         all_gates[n] = (gates or {}).get(n, g)
     jobs = plan(res.prompts, settings, res.concepts)
+    if world > 1:
+        jobs = shard(jobs, rank, world)
+        on_event(f"process {rank + 1} of {world}: {len(jobs)} image(s)")
     model_info = {"id": base.id, "fingerprint": fp}
     return render_jobs(base.pipe, jobs, res.concepts, C, settings, Path(out), model_info, res.hashes,
                        all_gates, progress)

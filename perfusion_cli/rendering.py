@@ -179,6 +179,22 @@ def plan(prompts: list[str], settings: RenderSettings, concept_names) -> list[Jo
     return jobs
 
 
+def process_share() -> tuple[int, int, int]:
+    """(rank, world size, local rank) of this process in a data-parallel launch (accelerate launch,
+    torchrun), read from the environment they set; (0, 1, 0) when run alone."""
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1") or 1)
+    rank = int(env.get("RANK", env.get("PROCESS_INDEX", "0")) or 0)
+    local = int(env.get("LOCAL_RANK", env.get("LOCAL_PROCESS_INDEX", str(rank))) or 0)
+    return (rank, world, local) if world > 1 else (0, 1, 0)
+
+
+def shard(jobs: list[Job], rank: int, world: int) -> list[Job]:
+    """This process's share: every world-th job. Seeds were fixed by `plan` before sharding, so the
+    images are those of a single-process run."""
+    return [j for j in jobs if j.index % world == rank]
+
+
 def slug(prompt: str, limit: int = 48) -> str:
     s = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
     return s[:limit].rstrip("-") or "image"
@@ -219,7 +235,45 @@ def check_output_dir(out: Path) -> None:
         raise PerfusionError(f"output folder {out} is not writable ({e.strerror or e}); pass another -o DIR") from None
 
 
+def write_new(out: Path, name: str, data: bytes) -> Path:
+    """Write `data` under `name` in `out` without ever replacing a file: if the name is taken (an
+    earlier run, or another process of a data-parallel render), add -1, -2, … The bytes go to a
+    temporary file first and are published with a hard link, which fails instead of clobbering."""
+    path = out / name
+    if path.suffix.lower() != ".png":
+        path = path.with_suffix(path.suffix + ".png")
+    tmp = out / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        stem, k, candidate = path.stem, 1, path
+        while True:
+            try:
+                os.link(tmp, candidate)
+                return candidate
+            except FileExistsError:
+                candidate = path.with_name(f"{stem}-{k}.png")
+                k += 1
+            except OSError as e:
+                if e.errno not in (1, 18, 38, 95):  # EPERM, EXDEV, ENOSYS, EOPNOTSUPP: no hard links here
+                    raise
+                while candidate.exists():
+                    candidate = path.with_name(f"{stem}-{k}.png")
+                    k += 1
+                os.replace(tmp, candidate)
+                return candidate
+    except OSError as e:
+        if e.errno == 28:
+            raise PerfusionError(f"disk full while writing {path}; free space and rerun") from None
+        raise PerfusionError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically (temporary file, fsync, rename)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -232,17 +286,6 @@ def write_atomic(path: Path, data: bytes) -> None:
         if e.errno == 28:
             raise PerfusionError(f"disk full while writing {path}; free space and rerun") from None
         raise PerfusionError(f"cannot write {path}: {e.strerror or e}") from None
-
-
-def unique_path(out: Path, name: str) -> Path:
-    path = out / name
-    if path.suffix.lower() != ".png":
-        path = path.with_suffix(path.suffix + ".png")
-    stem, k = path.stem, 1
-    while path.exists():
-        path = path.with_name(f"{stem}-{k}.png")
-        k += 1
-    return path
 
 
 def render_jobs(
@@ -318,9 +361,9 @@ def render_jobs(
                         index=job.index, seed=job.seed, slug=slug(job.prompt), image=job.image,
                         prompt_index=job.prompt_index,
                     )
-                    path = unique_path(out, name)
+                    embedded = {k: v for k, v in record.items() if k != "path"}
+                    path = write_new(out, name, png_bytes(image, a1111_parameters(job, settings, model, used), embedded))
                     record["path"] = str(path)
-                    write_atomic(path, png_bytes(image, a1111_parameters(job, settings, model, used), record))
                     written.append(Written(**record))
         finally:
             if applied:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -95,7 +96,12 @@ def render(
             settings=settings, gates=gates, beta=g_beta, tau=g_tau, registry=reg,
             progress=on_progress, on_event=event,
         )
-    if json_out:
+    from ..rendering import process_share
+
+    if json_out and process_share()[1] > 1:  # several processes: one JSON record per line (JSON Lines)
+        for w in written:
+            typer.echo(json.dumps(asdict(w), default=str))
+    elif json_out:
         emit_json([asdict(w) for w in written])
     else:
         for w in written:
