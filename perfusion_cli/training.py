@@ -238,14 +238,14 @@ class Trainer:
             loss_value = float("nan")
             while state.step < cfg.steps:
                 opt.zero_grad(set_to_none=True)
-                total = 0.0
+                total = torch.zeros((), device=self.device)
                 for _ in range(cfg.grad_accum):
                     loss = self.micro_step(state, patch) / cfg.grad_accum
                     loss.backward()
-                    total += float(loss.detach())
+                    total += loss.detach()  # stays on the device: one host sync per step, below
                 opt.step()
                 state.step += 1
-                loss_value = total
+                loss_value = float(total)
                 if not math.isfinite(loss_value):
                     raise PerfusionError(
                         f"training diverged at step {state.step} (loss {loss_value}); lower the learning rates"
@@ -296,7 +296,8 @@ class Trainer:
         with torch.autocast(**self.autocast):
             e, pooled = self.encode(prompts)
         with torch.no_grad():  # i* ← ema·i* + (1 − ema)·mean of this batch's concept encodings (§5)
-            e_c = e.detach().float()[self.concept_mask(prompts)].mean(0)
+            m = self.concept_mask(prompts).to(e.dtype)[..., None]          # (B, L, 1), no host sync
+            e_c = (e.detach().float() * m).sum((0, 1)) / m.sum()
             state.i_star.mul_(cfg.ema).add_(e_c, alpha=1 - cfg.ema)
         inputs = concept_inputs(state.i_star[None], self.C_inv, [cfg.train_beta], [cfg.train_tau])
         patch.edits.update(patching.build_edits(

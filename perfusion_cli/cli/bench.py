@@ -1,0 +1,60 @@
+"""`perfusion bench speed`: a benchmark (not a test) written as a Markdown + JSON report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from . import app
+from .common import device_option, emit_json, event, guarded, progress_bar, say
+
+bench_app = typer.Typer(
+    help="Benchmarks (not tests): measure what Perfusion costs and write a report.",
+    no_args_is_help=True,
+)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("speed")
+@guarded
+def speed(
+    scale: str = typer.Option("toy", "--scale", help="toy (the bundled toy model, runs anywhere) or sd15 (SD 1.5's architecture, random weights; for a GPU)."),
+    out: Path = typer.Option(Path("docs/benchmarks"), "-o", "--out", help="Folder for speed-<scale>-<device>.md and .json."),
+    repeats: int = typer.Option(None, "--repeats", help="Interleaved rounds of training and rendering (default: toy 8; sd15: 5 on a GPU, 1 on a CPU)."),
+    warmup: int = typer.Option(None, "--warmup", help="Discarded steps per training round and discarded render rounds (default: per scale)."),
+    train_batch: int = typer.Option(None, "--train-batch", help="Images per training micro-step (default: toy 4; sd15: 16 on a GPU, 1 on a CPU)."),
+    train_steps: int = typer.Option(None, "--train-steps", help="Timed training steps per round and side (default: per scale)."),
+    render_steps: int = typer.Option(None, "--render-steps", help="Sampling steps per image (default: toy 20; sd15: 50 on a GPU, 2 on a CPU)."),
+    io_repeats: int = typer.Option(None, "--io-repeats", help="Repeats of concept load and apply/remove (default: per scale)."),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads during the run (default: torch's own); 1 steadies timings on a shared machine."),
+    device: str = typer.Option(None, "--device", help="auto, cuda, mps or cpu."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (fp16 on a GPU, fp32 on a CPU), fp32, fp16 or bf16."),
+    json_out: bool = typer.Option(False, "--json", help="Print the JSON report (with the written paths) on stdout instead of the paths."),
+):
+    """Time training and rendering against their floors; write <out>/speed-<scale>-<device>.md and .json."""
+    from ..bench import SpeedConfig, run_speed, write_reports
+
+    config = SpeedConfig(
+        scale=scale.strip().lower(), device=device_option(device), dtype=dtype, repeats=repeats, warmup=warmup,
+        train_batch=train_batch, train_steps=train_steps, render_steps=render_steps, io_repeats=io_repeats,
+        threads=threads,
+    )
+    with progress_bar() as bar:
+        tasks: dict[str, int] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total, info="")
+            bar.update(tasks[stage], completed=done, total=total)
+
+        result = run_speed(config, progress=on_progress, on_event=event)
+    md, js = write_reports(result, out)
+    tr, rd = result.training, result.rendering["variants"]
+    say(f"train step {tr['ratio']:.2f}× the floor; render {rd['1 concept']['ratio']:.2f}× (1 concept), "
+        f"{rd['3 concepts']['ratio']:.2f}× (3 concepts) the plain pipeline")
+    if json_out:  # one parseable document: the report with the paths it was written to
+        emit_json({"written": {"markdown": str(md), "json": str(js)}, **result.to_dict()})
+    else:
+        typer.echo(str(md))
+        typer.echo(str(js))

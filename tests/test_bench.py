@@ -1,0 +1,177 @@
+"""`perfusion bench speed` at toy scale with minimal repeats: the report's structure and sanity, not speed.
+
+No assertion here is about how fast anything is; only that every number is there, positive and finite,
+that the sizes agree with the concept's bytes, and that the command writes its two files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from perfusion_cli.bench import SpeedConfig, SpeedResult, markdown, run_speed, write_reports
+from perfusion_cli.bench.speed import CLIP_L_TEXT, SD15_UNET, SD_VAE
+from perfusion_cli.cli import app
+from perfusion_cli.errors import PerfusionError
+
+MINIMAL = dict(scale="toy", device="cpu", threads=1, repeats=1, warmup=0, train_steps=1, render_steps=2, io_repeats=2)
+MINIMAL_ARGS = ["--scale", "toy", "--device", "cpu", "--threads", "1", "--repeats", "1", "--warmup", "0", "--train-steps", "1",
+                "--render-steps", "2", "--io-repeats", "2"]
+STAGES = ["model", "training", "rendering", "concept file", "apply/remove"]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """One minimal toy run, shared by the tests of this module: (result, progress calls, events)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PERFUSION_HOME", str(tmp_path_factory.mktemp("bench-home")))
+        calls, events = [], []
+        threads = torch.get_num_threads()
+        result = run_speed(SpeedConfig(**MINIMAL), progress=lambda *a: calls.append(a), on_event=events.append)
+        assert torch.get_num_threads() == threads, "run_speed must leave torch's thread count as it found it"
+    return result, calls, events
+
+
+def timing_ok(t: dict, n: int | None = None) -> None:
+    assert t["n"] >= 1 and len(t["samples_s"]) == t["n"]
+    if n is not None:
+        assert t["n"] == n
+    assert 0 < t["min_s"] <= t["median_s"] <= t["max_s"] and math.isfinite(t["max_s"])
+
+
+def test_result_structure_and_sanity(bench):
+    result, _, _ = bench
+    assert isinstance(result, SpeedResult)
+    assert (result.scale, result.device, result.device_label, result.random_weights) == ("toy", "cpu", "cpu", False)
+    assert result.model == "toyworld" and result.dtype == "float32"
+    m = result.machine
+    assert m["cpu"] and m["cpu_cores"] >= 1 and m["torch"] == torch.__version__ and m["date"]
+
+    tr = result.training
+    timing_ok(tr["step"], 1)
+    timing_ok(tr["floor"], 1)
+    assert tr["batch"] == 4 and tr["resolution"] == 64
+    assert math.isfinite(tr["ratio"]) and tr["ratio"] > 0
+    assert tr["ratio"] == pytest.approx(tr["step"]["median_s"] / tr["floor"]["median_s"])
+    fc = tr["full_concept"]
+    assert (fc["steps"], fc["batch"], fc["micro_steps"]) == (400, 16, 1600)
+    assert fc["projected_s"] >= 1600 * tr["step"]["median_s"] > 0 and fc["floor_projected_s"] > 0
+    for side in ("step", "floor"):
+        assert tr["peak_memory"][side]["peak_bytes"] > 0
+
+    rd = result.rendering
+    assert (rd["size"], rd["steps"], rd["cfg"], rd["sampler"]) == (64, 2, 4.0, "ddim")
+    assert set(rd["variants"]) >= {"plain", "1 concept", "3 concepts"}
+    assert rd["variants"]["plain"]["ratio"] == pytest.approx(1.0)
+    for label, v in rd["variants"].items():
+        timing_ok(v["per_image"], 1)
+        assert math.isfinite(v["ratio"]) and v["ratio"] > 0, label
+        assert v["peak_memory"]["peak_bytes"] > 0
+    # the concepts are really applied: the image differs from the plain one of the same seed
+    assert rd["variants"]["1 concept"]["pixel_change_vs_plain"] > 0
+    assert rd["variants"]["3 concepts"]["pixel_change_vs_plain"] > 0
+    assert "benchcat" in rd["prompts"]["1 concept"] and "benchcat" not in rd["prompts"]["plain"]
+
+    cf = result.concept_file
+    assert cf["size_bytes"] == cf["bytes_from_to_bytes"] > 0           # the file on disk is the concept's bytes
+    assert cf["size_bytes"] > 2 * cf["tensor_values"]                  # fp16 values plus the header
+    assert abs((cf["size_bytes_fp32"] - cf["size_bytes"]) - 2 * cf["tensor_values"]) <= 16
+    assert cf["layers"] == 11 and cf["loaded_concepts"] == 1
+    timing_ok(cf["load"], 2)
+
+    ap = result.apply
+    for label in ("1 concept", "3 concepts"):
+        for k in ("patch_apply", "patch_remove", "applied", "applied_remove"):
+            timing_ok(ap[label][k], 2)
+    assert ap["hooks_left"] == 0, "the benchmark must leave the pipeline as it found it"
+
+    assert result.settings["repeats"] == 1 and result.total_s > 0
+    assert "--scale toy" in result.command and "--repeats 1" in result.command
+    json.dumps(result.to_dict())  # the JSON report is plain data
+
+
+def test_progress_covers_every_stage(bench):
+    _, calls, events = bench
+    stages = list(dict.fromkeys(stage for stage, _, _ in calls))
+    assert stages == STAGES
+    for stage in STAGES:
+        last = [c for c in calls if c[0] == stage][-1]
+        assert last[1] == last[2] > 0, (stage, last)
+    assert not any(e.startswith("warning") for e in events)
+
+
+def test_markdown_says_what_where_and_how(bench, tmp_path):
+    result, _, _ = bench
+    text = markdown(result)
+    for phrase in ("## What was measured", "## Machine", "## Training", "## Rendering", "## Concept file",
+                   "## Apply and remove", "## Reproduce", result.command, result.machine["cpu"], "floor step"):
+        assert phrase in text, phrase
+    assert "Random weights" not in text  # only the sd15 scale is random
+    md, js = write_reports(result, tmp_path / "reports")
+    assert md.name == "speed-toy-cpu.md" and js.name == "speed-toy-cpu.json"
+    assert md.read_text() == text
+    assert json.loads(js.read_text())["training"]["ratio"] == pytest.approx(result.training["ratio"])
+    assert [p.name for p in (tmp_path / "reports").iterdir() if p.name.startswith(".")] == []  # no temp files left
+    sd = result.to_dict()
+    sd["random_weights"] = True
+    assert "Random weights" in markdown(sd)
+
+
+def test_cli_writes_both_reports(tmp_path):
+    out = tmp_path / "bench"
+    r = CliRunner().invoke(app, ["bench", "speed", *MINIMAL_ARGS, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    paths = [Path(p) for p in r.stdout.split()]
+    assert [p.name for p in paths] == ["speed-toy-cpu.md", "speed-toy-cpu.json"]
+    assert all(p.is_file() for p in paths)
+    report = json.loads(paths[1].read_text())
+    assert report["scale"] == "toy" and report["training"]["step"]["median_s"] > 0
+    assert "perfusion bench speed --scale toy" in paths[0].read_text()
+    assert "floor" in r.stderr  # the one-line summary goes to stderr
+
+
+def test_cli_json_prints_one_document(bench, tmp_path, monkeypatch):
+    import perfusion_cli.bench as bench_pkg
+
+    result, _, _ = bench
+    monkeypatch.setattr(bench_pkg, "run_speed", lambda config, progress=None, on_event=None: result)
+    r = CliRunner().invoke(app, ["bench", "speed", "--scale", "toy", "--out", str(tmp_path), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert Path(doc["written"]["markdown"]).is_file() and Path(doc["written"]["json"]).is_file()
+    assert doc["concept_file"]["size_bytes"] == result.concept_file["size_bytes"]
+
+
+def test_bad_settings_are_clear_errors(tmp_path):
+    with pytest.raises(PerfusionError, match="scale"):
+        run_speed(SpeedConfig(scale="sd99", device="cpu"))
+    with pytest.raises(PerfusionError, match="--repeats"):
+        run_speed(SpeedConfig(scale="toy", device="cpu", repeats=0))
+    out = tmp_path / "bench"
+    r = CliRunner().invoke(app, ["bench", "speed", "--scale", "sdxxl", "--out", str(out)])
+    assert r.exit_code != 0 and "Traceback" not in r.output and "scale" in r.stderr
+    assert r.stdout == "" and not out.exists()
+
+
+def test_sd15_scale_is_sd15s_architecture():
+    """The sd15 scale's configurations give SD 1.5's parameter counts (built on the meta device: no memory)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from perfusion_cli import patch as P
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+        vae = AutoencoderKL(**SD_VAE)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, **CLIP_L_TEXT))
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(unet) == 859_520_964
+    assert count(vae) == 83_653_863
+    assert count(text) == 123_060_480  # CLIP ViT-L/14's text tower at CLIP's vocabulary
+    widths = P.layer_widths(unet)
+    assert len(widths) == 16 and {w for _, w in widths} == {320, 640, 1280}
