@@ -235,6 +235,12 @@ def check_output_dir(out: Path) -> None:
         raise PerfusionError(f"output folder {out} is not writable ({e.strerror or e}); pass another -o DIR") from None
 
 
+def _write_error(e: OSError, path: Path) -> PerfusionError:
+    if e.errno == 28:
+        return PerfusionError(f"disk full while writing {path}; free space and rerun")
+    return PerfusionError(f"cannot write {path}: {e.strerror or e}")
+
+
 def write_new(out: Path, name: str, data: bytes) -> Path:
     """Write `data` under `name` in `out` without ever replacing a file: if the name is taken (an
     earlier run, or another process of a data-parallel render), add -1, -2, … The bytes go to a
@@ -265,9 +271,7 @@ def write_new(out: Path, name: str, data: bytes) -> Path:
                 os.replace(tmp, candidate)
                 return candidate
     except OSError as e:
-        if e.errno == 28:
-            raise PerfusionError(f"disk full while writing {path}; free space and rerun") from None
-        raise PerfusionError(f"cannot write {path}: {e.strerror or e}") from None
+        raise _write_error(e, path) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -283,9 +287,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        if e.errno == 28:
-            raise PerfusionError(f"disk full while writing {path}; free space and rerun") from None
-        raise PerfusionError(f"cannot write {path}: {e.strerror or e}") from None
+        raise _write_error(e, path) from None
 
 
 def render_jobs(
