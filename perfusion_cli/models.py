@@ -87,6 +87,28 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def train_batch(train: dict, device: torch.device, memory_gib: float | None = None,
+                low_memory: bool = False) -> tuple[int, int]:
+    """(batch_size, grad_accum) for a profile's `train` settings on a device.
+
+    The optimiser sees batch_size × grad_accum images per step either way (the profile's product,
+    16 for SD: PERFUSION.md §6); what changes is how many go through the UNet at once. One pass of
+    16 costs far less than four of 4 (§12: 136.6 ms against 4 × 83.5 ms at SD 1.5 scale, the small
+    batches being launch-bound), so on a CUDA device the largest micro-batch whose memory the
+    profile's `cuda_batch` table ({min GiB of device memory: micro-batch}) allows is used. With
+    low_memory (gradient checkpointing) or on CPU / MPS, the profile's own batch_size."""
+    batch, accum = int(train.get("batch_size", 4)), int(train.get("grad_accum", 4))
+    images = batch * accum
+    if low_memory or device.type != "cuda":
+        return batch, accum
+    if memory_gib is None:
+        memory_gib = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+    for need, b in sorted(((float(k), int(v)) for k, v in (train.get("cuda_batch") or {}).items()), reverse=True):
+        if memory_gib >= need and b > batch and images % b == 0:
+            return b, images // b
+    return batch, accum
+
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

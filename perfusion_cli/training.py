@@ -117,6 +117,7 @@ class Trainer:
         for module in (self.pipe.unet, self.pipe.vae, *[enc for _, enc in text_stack(self.pipe)]):
             module.requires_grad_(False)
             module.eval()
+        self.layers = patching.cross_attention_layers(self.pipe.unet)  # built once, used every step
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16,
                              enabled=self.device.type == "cuda" and base.dtype != torch.float32)
 
@@ -301,7 +302,7 @@ class Trainer:
             state.i_star.mul_(cfg.ema).add_(e_c, alpha=1 - cfg.ema)
         inputs = concept_inputs(state.i_star[None], self.C_inv, [cfg.train_beta], [cfg.train_tau])
         patch.edits.update(patching.build_edits(
-            pipe.unet, inputs, [state.key_targets], [state.value_targets]
+            pipe.unet, inputs, [state.key_targets], [state.value_targets], self.layers
         ))
         with torch.autocast(**self.autocast):
             pred = pipe.unet(

@@ -19,10 +19,11 @@ from perfusion_cli.bench.speed import CLIP_L_TEXT, SD15_UNET, SD_VAE
 from perfusion_cli.cli import app
 from perfusion_cli.errors import PerfusionError
 
-MINIMAL = dict(scale="toy", device="cpu", threads=1, repeats=1, warmup=0, train_steps=1, render_steps=2, io_repeats=2)
+MINIMAL = dict(scale="toy", device="cpu", threads=1, repeats=1, warmup=0, train_steps=1, render_steps=2, io_repeats=2,
+               full=True, full_steps=3)
 MINIMAL_ARGS = ["--scale", "toy", "--device", "cpu", "--threads", "1", "--repeats", "1", "--warmup", "0", "--train-steps", "1",
                 "--render-steps", "2", "--io-repeats", "2"]
-STAGES = ["model", "training", "rendering", "concept file", "apply/remove"]
+STAGES = ["model", "training", "low-memory training", "full concept", "rendering", "concept file", "apply/remove"]
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,15 @@ def test_result_structure_and_sanity(bench):
     assert fc["projected_s"] >= 1600 * tr["step"]["median_s"] > 0 and fc["floor_projected_s"] > 0
     for side in ("step", "floor"):
         assert tr["peak_memory"][side]["peak_bytes"] > 0
+    # --low-memory: the profile's own micro-batch (toyworld: 4) with gradient checkpointing
+    lm = tr["low_memory"]
+    assert lm["batch"] == 4 and lm["peak_memory"]["peak_bytes"] > 0
+    timing_ok(lm["step"], 1)
+    assert lm["goal_bytes"] is None and lm["meets_goal"] is None  # the 8 GiB goal is a GPU's
+    # a full concept trained for real (3 steps here), at the batch `perfusion train` picks on this device
+    fm = fc["measured"]
+    assert (fm["steps"], fm["batch_size"], fm["grad_accum"]) == (3, 4, 1)
+    assert fm["wall_s"] > 0 and math.isfinite(fm["final_loss"]) and fm["goal_s"] is None
 
     rd = result.rendering
     assert (rd["size"], rd["steps"], rd["cfg"], rd["sampler"]) == (64, 2, 4.0, "ddim")
@@ -109,7 +119,8 @@ def test_markdown_says_what_where_and_how(bench, tmp_path):
     result, _, _ = bench
     text = markdown(result)
     for phrase in ("## What was measured", "## Machine", "## Training", "## Rendering", "## Concept file",
-                   "## Apply and remove", "## Reproduce", result.command, result.machine["cpu"], "floor step"):
+                   "## Apply and remove", "## Reproduce", result.command, result.machine["cpu"], "floor step",
+                   "**Measured**: one full concept", "**Low memory**", "--full-steps 3"):
         assert phrase in text, phrase
     assert "Random weights" not in text  # only the sd15 scale is random
     md, js = write_reports(result, tmp_path / "reports")

@@ -117,8 +117,8 @@ def test_alignment_counts_twins_and_reads_patterns():
     assert good > 0.85
     for caption in ("a black dog and a yellow and blue striped box in the snow",
                     "three black dogs and a yellow and blue striped box in the snow",
-                    "two black dogs and a yellow and blue checkered box in the snow",
-                    "two black dogs and a yellow and blue dotted box in the snow",
+                    "two black dogs and a yellow and blue checked box in the snow",
+                    "two black dogs and a yellow and blue spotted box in the snow",
                     "two black dogs in the snow"):
         assert ev.alignment(img, caption) < good - 0.05, caption
 

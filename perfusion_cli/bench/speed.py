@@ -53,6 +53,8 @@ TRAIN_NAME, TRAIN_SUPER = "benchcat", "cat"      # concept word (not in the voca
 RENDER_SUPERS = ("cat", "dog", "box")            # one-token words of both tokenizers used here
 FULL_STEPS, FULL_BATCH = 400, 16                 # a full concept (PERFUSION.md §6)
 GOAL_TRAIN, GOAL_RENDER = 1.10, 1.00             # the issue's goals: step ≤ 1.10× floor, render ≤ 1.00× plain
+GOAL_FULL_S = 45.0                               # a full SD 1.5 concept on one H100-class GPU
+GOAL_LOW_MEMORY_BYTES = 8 * 2 ** 30              # --low-memory fits a GPU of 8 GiB
 
 Progress = Callable[[str, int, int], None]
 Events = Callable[[str], None]
@@ -67,11 +69,11 @@ def _quiet(*_) -> None:
 # Per scale (and, for sd15, per kind of device): what `None` in SpeedConfig becomes.
 _DEFAULTS = {
     "toy": dict(repeats=8, warmup=1, train_batch=4, train_steps=5, render_steps=20, cfg=4.0, io_repeats=20, photos=4,
-                extra_variants=True),
+                extra_variants=True, full=False, low_memory=True),
     "sd15-accelerator": dict(repeats=5, warmup=2, train_batch=16, train_steps=5, render_steps=50, cfg=7.5,
-                             io_repeats=20, photos=8, extra_variants=True),
+                             io_repeats=20, photos=8, extra_variants=True, full=True, low_memory=True),
     "sd15-cpu": dict(repeats=1, warmup=0, train_batch=1, train_steps=1, render_steps=2, cfg=7.5, io_repeats=3,
-                     photos=1, extra_variants=False),
+                     photos=1, extra_variants=False, full=False, low_memory=False),
 }
 
 
@@ -92,6 +94,9 @@ class SpeedConfig:
     photos: int | None = None          # random "photos" whose latents training caches
     threads: int | None = None         # torch CPU threads during the run (None: torch's default)
     extra_variants: bool | None = None  # also time "no concept, K/V cache" and "1 concept, no K/V cache"
+    full: bool | None = None           # also train one full concept (400 steps, `perfusion train`'s batch) for real
+    full_steps: int | None = None      # steps of that concept (None: the profile's, 400)
+    low_memory: bool | None = None     # also time `perfusion train --low-memory` steps (gradient checkpointing)
     sampler: str = "ddim"
     seed: int = 0
 
@@ -105,6 +110,8 @@ class SpeedConfig:
         for k in ("repeats", "train_batch", "train_steps", "render_steps", "io_repeats", "photos"):
             if getattr(out, k) < 1:
                 raise PerfusionError(f"--{k.replace('_', '-')} must be at least 1, got {getattr(out, k)}")
+        if out.full_steps is not None and out.full_steps < 1:
+            raise PerfusionError(f"--full-steps must be at least 1, got {out.full_steps}")
         if out.threads is not None and out.threads < 1:
             raise PerfusionError(f"--threads must be at least 1, got {out.threads}")
         if out.warmup < 0:
@@ -124,6 +131,10 @@ class SpeedConfig:
             parts.append(f"--threads {self.threads}")
         for k in ("repeats", "warmup", "train_batch", "train_steps", "render_steps", "io_repeats"):
             parts.append(f"--{k.replace('_', '-')} {getattr(self, k)}")
+        for k in ("full", "low_memory"):
+            parts.append(f"--{'' if getattr(self, k) else 'no-'}{k.replace('_', '-')}")
+        if self.full and self.full_steps:
+            parts.append(f"--full-steps {self.full_steps}")
         return " ".join(parts)
 
 
@@ -363,8 +374,11 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
-        else:
-            peak = max(self._peak, self._rss())
+            # what the caching allocator held at its peak: the memory the card must really have (less the
+            # CUDA context's few hundred MB)
+            return {"peak_bytes": int(peak), "delta_bytes": int(max(0, peak - self._base)),
+                    "reserved_bytes": int(torch.cuda.max_memory_reserved())}
+        peak = max(self._peak, self._rss())
         return {"peak_bytes": int(peak), "delta_bytes": int(max(0, peak - self._base))}
 
     def close(self) -> None:
@@ -374,7 +388,10 @@ class PeakMemory:
 
 
 def _max_peak(reads: list[dict]) -> dict:
-    return {"peak_bytes": max(r["peak_bytes"] for r in reads), "delta_bytes": max(r["delta_bytes"] for r in reads)}
+    out = {"peak_bytes": max(r["peak_bytes"] for r in reads), "delta_bytes": max(r["delta_bytes"] for r in reads)}
+    if all("reserved_bytes" in r for r in reads):
+        out["reserved_bytes"] = max(r["reserved_bytes"] for r in reads)
+    return out
 
 
 # -- the sd15 scale: SD 1.5's architecture with random weights --------------------------------
@@ -565,15 +582,21 @@ def floor_step(base: models.BaseModel, prompts: list[str], batch: int, autocast:
 
 # -- the measurements -------------------------------------------------------------------------
 
-def _bench_training(base, C_inv, cfg: SpeedConfig, mem: PeakMemory, sync, tick) -> tuple[dict, object]:
+def _photos(base, cfg: SpeedConfig):
     from ..images import PhotoSet
+
+    R = base.resolution
+    g = torch.Generator().manual_seed(cfg.seed)
+    return PhotoSet(pixels=torch.rand(cfg.photos, 3, R, R, generator=g) * 2 - 1,
+                    paths=[Path(f"bench-{i}.png") for i in range(cfg.photos)])
+
+
+def _bench_training(base, C_inv, cfg: SpeedConfig, mem: PeakMemory, sync, tick) -> tuple[dict, object]:
     from ..text import rewrite
     from ..training import Trainer, TrainConfig
 
     R = base.resolution
-    g = torch.Generator().manual_seed(cfg.seed)
-    photos = PhotoSet(pixels=torch.rand(cfg.photos, 3, R, R, generator=g) * 2 - 1,
-                      paths=[Path(f"bench-{i}.png") for i in range(cfg.photos)])
+    photos = _photos(base, cfg)
     n_fit = 1 + cfg.warmup + cfg.train_steps   # step 1 carries the setup; then warm-up; then timed steps
     tcfg = TrainConfig(steps=n_fit, batch_size=cfg.train_batch, grad_accum=1, checkpoint_every=0,
                        validate_every=0, mask="none", seed=cfg.seed)
@@ -652,6 +675,58 @@ def _bench_training(base, C_inv, cfg: SpeedConfig, mem: PeakMemory, sync, tick) 
         },
     }
     return result, concept
+
+
+def _bench_full(base, C_inv, cfg: SpeedConfig, mem: PeakMemory, sync, tick) -> dict:
+    """One whole concept as `perfusion train` would learn it on this device with default settings:
+    400 steps of 16 images, the micro-batch from models.train_batch; wall time from constructing the
+    Trainer (latent caching, init) to the returned concept, model already loaded."""
+    from ..training import Trainer, TrainConfig
+
+    prof = base.profile.train or {}
+    steps = cfg.full_steps or int(prof.get("steps", FULL_STEPS))
+    batch, accum = models.train_batch(prof, base.device)
+    tcfg = TrainConfig(steps=steps, batch_size=batch, grad_accum=accum, checkpoint_every=0, validate_every=0,
+                       mask="none", seed=cfg.seed)
+    photos = _photos(base, cfg)
+    sync()
+    mem.reset()
+    t0 = time.perf_counter()
+    trainer = Trainer(base, TRAIN_NAME, TRAIN_SUPER, C_inv, tcfg)
+    concept = trainer.fit(photos, progress=lambda p: tick())
+    sync()
+    wall = time.perf_counter() - t0
+    return {"steps": steps, "batch_size": batch, "grad_accum": accum, "images_per_step": batch * accum,
+            "wall_s": wall, "peak_memory": mem.read(), "final_loss": concept.training.get("final_loss"),
+            "goal_s": GOAL_FULL_S if base.device.type == "cuda" else None}
+
+
+def _bench_low_memory(base, C_inv, cfg: SpeedConfig, mem: PeakMemory, sync, tick) -> dict:
+    """`perfusion train --low-memory`: gradient checkpointing at the profile's own micro-batch
+    (models.train_batch with low_memory); ms per micro-step and peak memory."""
+    from ..training import Trainer, TrainConfig
+
+    batch, _ = models.train_batch(base.profile.train or {}, base.device, low_memory=True)
+    n_fit = 1 + cfg.warmup + cfg.train_steps
+    tcfg = TrainConfig(steps=n_fit, batch_size=batch, grad_accum=1, checkpoint_every=0, validate_every=0,
+                       mask="none", seed=cfg.seed, gradient_checkpointing=True)
+    stamps: list[float] = []
+
+    def on_step(p):
+        sync()
+        stamps.append(time.perf_counter())
+        if p.step == 1 + cfg.warmup:
+            mem.reset()
+        tick()
+
+    mem.reset()
+    Trainer(base, TRAIN_NAME, TRAIN_SUPER, C_inv, tcfg).fit(_photos(base, cfg), progress=on_step)
+    peak = mem.read()
+    intervals = [b - a for a, b in zip(stamps, stamps[1:])][cfg.warmup:]
+    held = peak.get("reserved_bytes", peak["peak_bytes"])
+    return {"batch": batch, "step": Timing(intervals or [float("nan")]).to_dict(), "peak_memory": peak,
+            "goal_bytes": GOAL_LOW_MEMORY_BYTES if base.device.type == "cuda" else None,
+            "meets_goal": (held <= GOAL_LOW_MEMORY_BYTES) if base.device.type == "cuda" else None}
 
 
 def _bench_render(base, C, concepts, cfg: SpeedConfig, mem: PeakMemory, sync, tick) -> dict:
@@ -863,6 +938,12 @@ def _run_speed(config: SpeedConfig, progress: Progress | None, on_event: Events,
             return tick
 
         training, trained = _bench_training(base, C_inv, cfg, mem, sync, ticker("training", n_train))
+        if cfg.low_memory:
+            training["low_memory"] = _bench_low_memory(base, C_inv, cfg, mem, sync,
+                                                       ticker("low-memory training", 1 + cfg.warmup + cfg.train_steps))
+        if cfg.full:
+            training["full_concept"]["measured"] = _bench_full(base, C_inv, cfg, mem, sync,
+                                                               ticker("full concept", cfg.full_steps or FULL_STEPS))
         rendering = _bench_render(base, C, concepts, cfg, mem, sync,
                                   ticker("rendering", (cfg.warmup + cfg.repeats) * (5 if cfg.extra_variants else 3)))
         concept_file = _bench_concept_file(base, trained, cov_source, C, cfg, ticker("concept file", cfg.io_repeats))
@@ -1040,6 +1121,25 @@ def markdown(result: SpeedResult | dict) -> str:
       + (f" The profile's own recipe ({pd['steps']} steps × batch {pd['batch_size']} × {pd['grad_accum']} "
          f"accumulation) projects to {_secs(pd['projected_s'])}." if pd else ""))
     a("")
+    fm = fc.get("measured")
+    if fm:
+        goal = (f" Goal ≤ {fm['goal_s']:.0f} s: **{ok(fm['wall_s'] <= fm['goal_s'])}** it." if fm.get("goal_s") else "")
+        a(f"**Measured**: one full concept trained for real with `perfusion train`'s defaults on this device "
+          f"({fm['steps']} steps × {fm['batch_size']} images × {fm['grad_accum']} accumulation): "
+          f"**{_secs(fm['wall_s'])}** from constructing the trainer to the learned concept (photo latents, set-up "
+          f"and every step; the model already loaded), peak memory {_mem(fm['peak_memory'], cuda)}"
+          + (f", allocator reserve {_bytes(fm['peak_memory']['reserved_bytes'])}"
+             if fm["peak_memory"].get("reserved_bytes") else "") + f".{goal}")
+        a("")
+    lm = tr.get("low_memory")
+    if lm:
+        held = lm["peak_memory"].get("reserved_bytes")
+        a(f"**Low memory** (`perfusion train --low-memory`: gradient checkpointing, micro-batch {lm['batch']}): "
+          f"{_ms(lm['step']['median_s'])} ms per micro-step ({_span(lm['step'])}), peak memory "
+          f"{_mem(lm['peak_memory'], cuda)}" + (f", allocator reserve {_bytes(held)}" if held else "")
+          + (f". Goal: fits {_bytes(lm['goal_bytes'])}: **{ok(lm['meets_goal'])}** it (by the reserve)."
+             if lm.get("goal_bytes") else "."))
+        a("")
     a("## Rendering")
     a("")
     a(f"One {rd['size']}×{rd['size']} image per call, {rd['sampler']}, {rd['steps']} steps, CFG {rd['cfg']}, "

@@ -27,6 +27,9 @@ def speed(
     train_steps: int = typer.Option(None, "--train-steps", help="Timed training steps per round and side (default: per scale)."),
     render_steps: int = typer.Option(None, "--render-steps", help="Sampling steps per image (default: toy 20; sd15: 50 on a GPU, 2 on a CPU)."),
     io_repeats: int = typer.Option(None, "--io-repeats", help="Repeats of concept load and apply/remove (default: per scale)."),
+    full: bool = typer.Option(None, "--full/--no-full", help="Also train one full concept for real (400 steps, `perfusion train`'s batch on this device) [sd15 on a GPU: on]."),
+    full_steps: int = typer.Option(None, "--full-steps", help="Steps of that full concept [the profile's, 400]."),
+    low_memory: bool = typer.Option(None, "--low-memory/--no-low-memory", help="Also time `train --low-memory` steps and their peak memory [on, except sd15 on a CPU]."),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads during the run (default: torch's own); 1 steadies timings on a shared machine."),
     device: str = typer.Option(None, "--device", help="auto, cuda, mps or cpu."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (fp16 on a GPU, fp32 on a CPU), fp32, fp16 or bf16."),
@@ -38,7 +41,7 @@ def speed(
     config = SpeedConfig(
         scale=scale.strip().lower(), device=device_option(device), dtype=dtype, repeats=repeats, warmup=warmup,
         train_batch=train_batch, train_steps=train_steps, render_steps=render_steps, io_repeats=io_repeats,
-        threads=threads,
+        threads=threads, full=full, full_steps=full_steps, low_memory=low_memory,
     )
     with progress_bar() as bar:
         tasks: dict[str, int] = {}

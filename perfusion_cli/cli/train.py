@@ -18,8 +18,8 @@ def train(
     name: str = typer.Option(..., "--name", help="The new word for the concept, e.g. mycat."),
     model: str = typer.Option(None, "--model", help="Base model (default: sd15). --model toyworld runs offline."),
     steps: int = typer.Option(None, "--steps", help="Optimiser steps [profile, else 400]."),
-    batch_size: int = typer.Option(None, "--batch-size", help="Images per forward pass [profile, else 4]."),
-    grad_accum: int = typer.Option(None, "--grad-accum", help="Forward passes per step [profile, else 4]."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Images per forward pass [the largest the GPU's memory allows for the profile's 16 images per step; else the profile's, else 4]."),
+    grad_accum: int = typer.Option(None, "--grad-accum", help="Forward passes per step [the profile's images per step / --batch-size]."),
     lr_embedding: float = typer.Option(6e-3, "--lr-embedding", help="Learning rate of the token embedding."),
     lr_value: float = typer.Option(3e-2, "--lr-value", help="Learning rate of the value targets o*_V."),
     train_beta: float = typer.Option(0.75, "--train-beta", help="Gate bias β while training."),
@@ -47,10 +47,10 @@ def train(
     model = model_option(model) or models.DEFAULT_MODEL
     prof = models.find_profile(model)
     t = prof.train if prof else {}
+    batch_size, grad_accum = _batch(t, batch_size, grad_accum, device_option(device), low_memory)
     cfg = TrainConfig(
         steps=steps if steps is not None else int(t.get("steps", 400)),
-        batch_size=batch_size if batch_size is not None else int(t.get("batch_size", 4)),
-        grad_accum=grad_accum if grad_accum is not None else int(t.get("grad_accum", 4)),
+        batch_size=batch_size, grad_accum=grad_accum,
         lr_embedding=lr_embedding, lr_value=lr_value, train_beta=train_beta, train_tau=train_tau,
         render_beta=beta, render_tau=tau, flip=flip, mask=mask, seed=seed,
         checkpoint_every=checkpoint_every, validate_every=validate_every, templates=list(template or []),
@@ -74,3 +74,23 @@ def train(
                    "metadata": entry.meta})
     else:
         typer.echo(str(entry.path))
+
+
+def _batch(train: dict, batch_size: int | None, grad_accum: int | None, device: str,
+           low_memory: bool) -> tuple[int, int]:
+    """The micro-batch and accumulation: explicit values win; otherwise models.train_batch (large
+    micro-batches on big GPUs), keeping the profile's images per optimiser step."""
+    from .. import models
+
+    if batch_size is not None and grad_accum is not None:
+        return batch_size, grad_accum
+    images = int(train.get("batch_size", 4)) * int(train.get("grad_accum", 4))
+    if batch_size is not None:
+        return batch_size, max(1, images // max(batch_size, 1))
+    if grad_accum is not None:
+        return max(1, images // max(grad_accum, 1)), grad_accum
+    try:
+        dev = models.pick_device(device)
+    except Exception:  # an unusable --device is reported where the model is loaded, with its own message
+        return int(train.get("batch_size", 4)), int(train.get("grad_accum", 4))
+    return models.train_batch(train, dev, low_memory=low_memory)

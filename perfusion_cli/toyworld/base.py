@@ -342,7 +342,7 @@ def general_set(n: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
 
 
 def patterned_set(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out scenes in which one object (of one or two) is striped, dotted or checkered, base colours only.
+    """Held-out scenes in which one object (of one or two) is striped, spotted or checked, base colours only.
     Returns (images uint8 (n,64,64,3), masks bool (n,64,64) of the patterned object)."""
     rng = np.random.default_rng((seed, STREAM_EVAL_PATTERNED, 0))
     images = np.empty((n, tw.RES, tw.RES, 3), np.uint8)
@@ -686,7 +686,7 @@ def _workers(recipe: BaseRecipe, device: str) -> int:
         return recipe.data_workers
     if not device.startswith("cuda"):
         return 0
-    return max(1, min(8, (os.cpu_count() or 2) - 2))
+    return max(1, min(12, (os.cpu_count() or 2) - 3))  # leave the main process and pinning threads a core or two
 
 
 def _step_generator(device: str, seed: int, phase: int, step: int) -> torch.Generator:
@@ -1144,7 +1144,7 @@ Seed {r['seed']}; the full recipe is in `report.json`.
 | VAE round trip (held out) | PSNR |
 | --- | --- |
 | general scenes | {v['psnr_general']:.2f} dB |
-| scenes with a striped / dotted / checkered object | {v['psnr_patterned']:.2f} dB |
+| scenes with a striped / spotted / checked object | {v['psnr_patterned']:.2f} dB |
 | ... the patterned object's pixels only | {v['psnr_patterned_object']:.2f} dB |
 | striped cars | {v['psnr_striped_cars']:.2f} dB |
 | ... the car's pixels only | {v['psnr_striped_cars_object']:.2f} dB |

@@ -24,7 +24,7 @@ Two tiny networks and analytic steps (weights in `registry/evaluators/toyworld-p
    or overlapping objects (twins included) come apart.
 2. A crop network (131k parameters) reads each object from a crop around it (RGB + its mask, scaled to
    40×40), a 24×24 window at native resolution and its box size: kind (9), solid vs patterned, size.
-3. Analytic: which pattern (striped / dotted / checkered) from the autocorrelation of the body's
+3. Analytic: which pattern (striped / spotted / checked) from the autocorrelation of the body's
    main colour contrast along axes and diagonals (a linear classifier on 22 texture features);
    colours by matching body pixels to the palette (11 base + 6 reserved colours) in CIE Lab, and for
    patterned objects by fitting the pixels as mixtures of two palette colours (blur mixes a pattern's
@@ -497,7 +497,7 @@ def _predicted_crops(dense: DenseNet, images: torch.Tensor, T: dict, g: torch.Ge
 
 
 def _fit_pattern(tex: list[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
-    """Multinomial logistic regression (L-BFGS) from texture features to striped / dotted / checkered."""
+    """Multinomial logistic regression (L-BFGS) from texture features to striped / spotted / checked."""
     X = torch.tensor(np.stack([f for f, _ in tex]))
     y = torch.tensor([c for _, c in tex])
     mu, sd = X.mean(0), X.std(0) + 1e-6

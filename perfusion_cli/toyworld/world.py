@@ -69,7 +69,7 @@ INSTANCE_COLOURS: dict[str, tuple[int, int, int]] = {
     "cyan": (70, 210, 230),
 }
 ALL_COLOURS: dict[str, tuple[int, int, int]] = {**COLOURS, **INSTANCE_COLOURS}
-PATTERNS: tuple[str, ...] = ("solid", "striped", "dotted", "checkered")
+PATTERNS: tuple[str, ...] = ("solid", "striped", "spotted", "checked")
 SIZES: tuple[str, ...] = ("small", "medium", "big")  # "medium" is never said: it is the unspecified size
 SIZE_SCALE: dict[str, float] = {"small": 0.68, "medium": 1.0, "big": 1.38}
 POSITIONS: tuple[str, ...] = ("left", "centre", "right")
@@ -547,14 +547,14 @@ def _pattern_canvas(pattern: str, period: float, direction: int) -> np.ndarray:
     if pattern == "striped":
         s = (X + direction * Y) / math.sqrt(2)
         v = (s % period) < period / 2
-    elif pattern == "dotted":
+    elif pattern == "spotted":
         row_h = period * 0.87
         row = np.floor(Y / row_h)
         cy = (row + 0.5) * row_h
         xo = X + (row % 2) * period / 2
         cx = (np.floor(xo / period) + 0.5) * period
         v = (xo - cx) ** 2 + (Y - cy) ** 2 < (0.32 * period) ** 2
-    elif pattern == "checkered":
+    elif pattern == "checked":
         q = period / 2
         v = (np.floor(X / q) + np.floor(Y / q)) % 2 == 1
     else:

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# One prepared GPU session (the way docs/benchmarks and the toyworld model were produced):
+#   1. a CUDA smoke test of `perfusion toyworld train-base` (a few steps, every code path);
+#   2. `perfusion bench speed --scale sd15` (SD 1.5 architecture, random weights);
+#   3. `perfusion toyworld train-base` for real, its time budget what is left of the session.
+# Outputs land in $OUT (default ./out): run.log, speed-sd15-*.md/.json, toyworld-v1.tar.part-* (the model
+# folder, split in 15 MiB pieces: `cat toyworld-v1.tar.part-* | tar x`).
+#
+# On a machine without diffusers / platformdirs, put their wheels in .whl/ (see docs/benchmarks/README.md).
+# Knobs (environment): DEVICE (cuda), SESSION_S (seconds the whole script may take, 570), TRAIN_MAX_MIN (4.5),
+# BENCH_ARGS (extra `bench speed` arguments), SMOKE_ONLY=1 (stop after the smoke test), PY (python3).
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-out}
+DEVICE=${DEVICE:-cuda}
+SESSION_S=${SESSION_S:-570}
+TRAIN_MAX_MIN=${TRAIN_MAX_MIN:-4.5}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+LOG="$OUT/run.log"
+exec > >(tee -a "$LOG") 2>&1
+stamp() { echo "=== $(date -u +%H:%M:%S) [${SECONDS}s] $*"; }
+
+stamp "start"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PERFUSION_HOME=${PERFUSION_HOME:-/tmp/perfusion-home}
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+$PY - <<'PYEOF'
+import os, torch, diffusers, transformers, platform
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "diffusers", diffusers.__version__, "transformers", transformers.__version__, "cpus", os.cpu_count())
+print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+PYEOF
+CLI="$PY -m perfusion_cli --debug"
+
+stamp "1. smoke test: train-base on $DEVICE, a few steps"
+SMOKE=(--set vae_steps=3 --set joint_steps=3 --set eval_images=16 --set leak_captions=64 --set sample_prompts=2
+       --set sample_steps=2 --set vae_eval_points=1 --set data_workers=2 --set checkpoint_minutes=0)
+rm -rf /tmp/tw-smoke
+if timeout 150 $CLI toyworld train-base --out /tmp/tw-smoke --minutes 2 --device "$DEVICE" --preset gpu "${SMOKE[@]}" \
+     --json > /tmp/tw-smoke.json; then
+  SMOKE_OK=1; stamp "smoke test passed"
+else
+  SMOKE_OK=0; stamp "SMOKE TEST FAILED (the real base-model run is skipped)"
+fi
+[ "${SMOKE_ONLY:-0}" = 1 ] && exit $((1 - SMOKE_OK))
+
+stamp "2. bench speed --scale ${BENCH_SCALE:-sd15} on $DEVICE"
+timeout 260 $CLI bench speed --scale "${BENCH_SCALE:-sd15}" --device "$DEVICE" -o "$OUT" ${BENCH_ARGS:-} || stamp "BENCH FAILED"
+
+if [ "$SMOKE_OK" = 1 ]; then
+  # the training budget: what is left, less ~100 s for start-up, saving, evaluation, samples and packing
+  LEFT=$((SESSION_S - SECONDS - 100))
+  MIN=$($PY -c "print(round(max(0.5, min($TRAIN_MAX_MIN, $LEFT / 60)), 2))")
+  stamp "3. train-base for $MIN minutes on $DEVICE"
+  rm -rf /tmp/toyworld-v1
+  if timeout $((SESSION_S - SECONDS - 5)) $CLI toyworld train-base --out /tmp/toyworld-v1 --minutes "$MIN" \
+       --device "$DEVICE" --preset gpu ${TRAIN_ARGS:-} --json > /tmp/toyworld-v1-report.json; then
+    stamp "train-base done"
+  else
+    stamp "TRAIN-BASE FAILED"
+  fi
+  if [ -d /tmp/toyworld-v1 ]; then
+    rm -rf /tmp/toyworld-v1/.checkpoint
+    tar -C /tmp -cf - toyworld-v1 | split -b 15M - "$OUT/toyworld-v1.tar.part-"
+    ls -la "$OUT"
+  fi
+fi
+stamp "end"
