@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .edit import ConceptInputs, ConceptTensors, LayerEdit, concept_inputs, layer_edit
+from .edit import ConceptInputs, ConceptTensors, LayerEdit, StackedEdit, concept_inputs, layer_edit, stacked_edit
 
 
 def cross_attention_layers(unet: nn.Module) -> dict[str, nn.Module]:
@@ -72,6 +72,31 @@ class Patch:
     _key_context: tuple | None = None             # (key context, swapped rows) during a UNet call
     _key_memo: tuple | None = None                # (encoder_hidden_states, version, key context)
     _memo: dict = field(default_factory=dict)     # (layer, "k"|"v") -> (input, version, output)
+    stacked: StackedEdit | None = None            # every projection's edit in one (training); see set_stacked
+    _stacked_memo: tuple | None = None            # (input, version, delta_all) of the current UNet call
+
+    def set_stacked(self, stacked: StackedEdit | None) -> None:
+        """Edit every projection named in stacked.slices with one StackedEdit (instead of `edits`)."""
+        self.stacked = stacked
+        self._stacked_memo = None
+
+    def prime_stacked(self, x: Tensor) -> None:
+        """Compute the stacked delta for the encodings `x` now, before the UNet call that passes exactly this
+        tensor as encoder_hidden_states. Then no projection computes it inside the UNet, so a block that
+        gradient checkpointing recomputes does the same operations both times."""
+        self._stacked_memo = None
+        self._stacked_delta(x, next(iter(self.stacked.slices)))
+
+    def _stacked_delta(self, x: Tensor, key: tuple[str, str]) -> Tensor:
+        # All cross-attention layers read the same encoder_hidden_states tensor, so delta_all is computed at
+        # the first projection of a UNet call and split among all (one split: its backward is one concatenation).
+        m = self._stacked_memo
+        if m is None or m[0] is not x or m[1] != x._version:
+            keys = list(self.stacked.slices)
+            sizes = [self.stacked.slices[k][1] - self.stacked.slices[k][0] for k in keys]
+            pieces = dict(zip(keys, self.stacked.delta_all(x).split(sizes, dim=-1)))
+            m = self._stacked_memo = (x, x._version, pieces)
+        return m[2][key]
 
     def remove(self) -> None:
         for h in self.handles:
@@ -84,6 +109,7 @@ class Patch:
         self.handles.clear()
         self.wrapped.clear()
         self.edits.clear()
+        self.set_stacked(None)
         self.clear_cache()
 
     def clear_cache(self) -> None:
@@ -135,9 +161,14 @@ class Patch:
                 if hit is not None and hit[0] is x and hit[1] == x._version:
                     return hit[2]
             out = inner(x, *args, **kwargs)
-            edit = self.edits.get(name, (None, None))[slot]
-            if edit is not None:
-                delta = edit.delta(x)
+            delta = None
+            if self.stacked is not None and (name, which) in self.stacked.slices:
+                delta = self._stacked_delta(x, (name, which))
+            else:
+                edit = self.edits.get(name, (None, None))[slot]
+                if edit is not None:
+                    delta = edit.delta(x)
+            if delta is not None:
                 out = out + (delta if keep is None else delta * keep.view(-1, *[1] * (delta.dim() - 1)))
             if self.cache:
                 self._memo[(name, which)] = (x, x._version, out)
@@ -185,6 +216,31 @@ def build_edits(
             layer_edit(projection_weight(attn.to_v), inputs, ov),
         )
     return edits
+
+
+def stack_weights(unet: nn.Module, layers: dict[str, nn.Module] | None = None) -> tuple[Tensor, dict]:
+    """Every cross-attention to_k / to_v weight stacked along the output axis, in float32, detached:
+    (W (M, d), slices {(layer, "k"|"v"): (start, stop)}). Built once per training run."""
+    layers = layers if layers is not None else cross_attention_layers(unet)
+    parts, slices, at = [], {}, 0
+    for name, attn in layers.items():
+        for which, proj in (("k", attn.to_k), ("v", attn.to_v)):
+            w = projection_weight(proj).detach().float()
+            parts.append(w)
+            slices[(name, which)] = (at, at + w.shape[0])
+            at += w.shape[0]
+    return torch.cat(parts), slices
+
+
+def build_stacked(weights: Tensor, slices: dict, inputs: ConceptInputs, key_targets: list[dict[str, Tensor]],
+                  value_targets: list[dict[str, Tensor]]) -> StackedEdit:
+    """The StackedEdit of every projection in `slices` (concept c's o* in projection (l, k|v) is
+    key_targets[c][l] / value_targets[c][l]): the same edit as build_edits, as one."""
+    rows = []
+    for keys, values in zip(key_targets, value_targets):
+        rows.append(torch.cat([(keys if which == "k" else values)[name].to(weights.device)
+                               for (name, which) in slices]))
+    return stacked_edit(weights, inputs, torch.stack(rows), slices)
 
 
 def check_layers(unet: nn.Module, concept: ConceptTensors, label: str) -> None:

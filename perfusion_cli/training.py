@@ -212,6 +212,8 @@ class Trainer:
             unet.enable_gradient_checkpointing()
         override = EmbeddingOverride(pipe)
         patch = patching.attach(unet)
+        # W_K, W_V of every layer in float32, stacked: built once per run, not per step
+        self.stacked_weights, self.stacked_slices = patching.stack_weights(unet, self.layers)
         try:
             for p in self.prompts:
                 if override.add_prompt(p, {self.name: self.super}) == 0:
@@ -257,6 +259,7 @@ class Trainer:
                     self.save_checkpoint(ckpt, state, opt)
                 if validate and cfg.validate_every and state.step % cfg.validate_every == 0:
                     patch.edits.clear()
+                    patch.set_stacked(None)
                     validate(state.step, self.tensors(state), [e.detach().clone() for e in state.embeddings])
         finally:
             patch.remove()
@@ -301,12 +304,15 @@ class Trainer:
             e_c = (e.detach().float() * m).sum((0, 1)) / m.sum()
             state.i_star.mul_(cfg.ema).add_(e_c, alpha=1 - cfg.ema)
         inputs = concept_inputs(state.i_star[None], self.C_inv, [cfg.train_beta], [cfg.train_tau])
-        patch.edits.update(patching.build_edits(
-            pipe.unet, inputs, [state.key_targets], [state.value_targets], self.layers
+        # every layer's K and V edit as one (patch.StackedEdit): the same numbers as per-layer LayerEdits
+        patch.set_stacked(patching.build_stacked(
+            self.stacked_weights, self.stacked_slices, inputs, [state.key_targets], [state.value_targets]
         ))
+        ehs = e.to(pipe.unet.dtype)
         with torch.autocast(**self.autocast):
+            patch.prime_stacked(ehs)  # outside the UNet's (possibly checkpointed) blocks
             pred = pipe.unet(
-                noisy.to(pipe.unet.dtype), t, encoder_hidden_states=e.to(pipe.unet.dtype),
+                noisy.to(pipe.unet.dtype), t, encoder_hidden_states=ehs,
                 **self.unet_kwargs(pooled, lat.shape[0]),
             ).sample.float()
         kind = sched.config.prediction_type
@@ -336,8 +342,9 @@ class Trainer:
         for name, attn in layers.items():
             handles.append(attn.to_q.register_forward_hook(lambda m, a, o, n_=name: captured[n_].__setitem__("q", o)))
             handles.append(attn.to_k.register_forward_hook(lambda m, a, o, n_=name: captured[n_].__setitem__("k", o)))
-        saved = dict(patch.edits)
+        saved, saved_stacked = dict(patch.edits), patch.stacked
         patch.edits.clear()  # the base model's attention, unedited
+        patch.set_stacked(None)
         try:
             lat = (self.lat_mean[:n] - self.shift) * self.scale
             noise = torch.randn(lat.shape, generator=self.rng).to(self.device)
@@ -365,6 +372,7 @@ class Trainer:
             for hd in handles:
                 hd.remove()
             patch.edits.update(saved)
+            patch.set_stacked(saved_stacked)
 
     # -- checkpoints (safetensors only) -------------------------------------------------------
     def save_checkpoint(self, path: Path, state: TrainState, opt: torch.optim.Optimizer) -> None:

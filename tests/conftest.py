@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
-TOY_MODEL = REPO / "registry" / "models" / "toyworld-v0"
+TOY_MODEL = REPO / "registry" / "models" / "toyworld-v1"
 SHARED = REPO.parent / "shared"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach for the network

@@ -212,3 +212,80 @@ def test_slots_and_embedding_override(kind):
     first = cat_positions[0]
     assert torch.equal(with_concept[0, :first], plain[0, :first])   # causal encoder: before is unchanged
     assert not torch.allclose(with_concept[0, first], plain[0, first])
+
+
+@pytest.mark.parametrize("kind, n, exact", [("sd1", 1, True), ("sd1", 2, True), ("sd1", 2, False), ("sdxl", 1, True)])
+def test_stacked_edit_equals_per_layer_edits(kind, n, exact):
+    """The training loop's StackedEdit (every layer's K and V edit as one matrix product) computes the same
+    UNet output and the same gradients for o*_V and the encodings as the per-layer LayerEdits it replaces."""
+    from perfusion_cli.edit import concept_inputs
+
+    pipe = tiny_pipeline(kind)
+    unet = pipe.unet
+    d = TEXT_WIDTH[kind]
+    C_inv = inverse_covariance(random_cov(d))
+    concepts = [random_concept(unet, d, 10 + c) for c in range(n)]
+    g = torch.Generator().manual_seed(4)
+    ehs0 = torch.randn(2, 12, d, generator=g)
+    for c, concept in enumerate(concepts):
+        ehs0[:, 3 + c] = concept.i_star  # each concept fires somewhere
+    inputs = concept_inputs(torch.stack([c.i_star for c in concepts]), C_inv, [0.7] * n, [0.15] * n, exact=exact)
+    x = torch.randn(2, unet.config.in_channels, 16, 16, generator=g)
+    kw = {}
+    if getattr(unet.config, "addition_embed_type", None) == "text_time":
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.ones(2, 6)}
+
+    def run(stacked: bool):
+        values = [{k: v.clone().requires_grad_(True) for k, v in c.value_targets.items()} for c in concepts]
+        keys = [c.key_targets for c in concepts]
+        ehs = ehs0.clone().requires_grad_(True)
+        patch = P.attach(unet)
+        try:
+            if stacked:
+                W, slices = P.stack_weights(unet)
+                patch.set_stacked(P.build_stacked(W, slices, inputs, keys, values))
+            else:
+                patch.edits.update(P.build_edits(unet, inputs, keys, values))
+            out = unet(x, torch.tensor([10, 500]), encoder_hidden_states=ehs, **kw).sample
+            out.square().mean().backward()
+        finally:
+            patch.remove()
+        return out.detach(), ehs.grad, [{k: v.grad for k, v in vs.items()} for vs in values]
+
+    ref_out, ref_e, ref_v = run(False)
+    out, e_grad, v_grads = run(True)
+    assert not torch.allclose(ref_out, unet_out(pipe, ehs0)), "the edit must act"
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(e_grad, ref_e, rtol=1e-4, atol=1e-6)
+    for got, want in zip(v_grads, ref_v):
+        assert got.keys() == want.keys()
+        for k in want:
+            assert want[k].abs().sum() > 0
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-7)
+
+
+def test_stacked_memo_follows_the_input_and_is_dropped_on_removal():
+    pipe = tiny_pipeline("sd1")
+    unet, d = pipe.unet, TEXT_WIDTH["sd1"]
+    concept = random_concept(unet, d, 3)
+    from perfusion_cli.edit import concept_inputs
+
+    inputs = concept_inputs(concept.i_star[None], inverse_covariance(random_cov(d)), [0.7], [0.15])
+    W, slices = P.stack_weights(unet)
+    assert W.shape == (sum(b - a for a, b in slices.values()), d) and W.dtype == torch.float32
+    assert len(slices) == 2 * len(P.cross_attention_layers(unet))
+    patch = P.attach(unet)
+    patch.set_stacked(P.build_stacked(W, slices, inputs, [concept.key_targets], [concept.value_targets]))
+    ehs = torch.randn(2, 12, d)
+    ehs[:, 3] = concept.i_star
+    first = unet_out(pipe, ehs)
+    ehs2 = ehs.clone()
+    ehs2[:, 5] = concept.i_star  # a new tensor: the memo must not serve the old delta
+    second = unet_out(pipe, ehs2)
+    assert not torch.allclose(first, second)
+    ehs.add_(0)  # in place: same object, new version
+    assert torch.equal(unet_out(pipe, ehs), first)
+    patch.remove()
+    assert patch.stacked is None and patch._stacked_memo is None
+    plain = unet_out(pipe, ehs)
+    assert not torch.allclose(plain, first)

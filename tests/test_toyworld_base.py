@@ -157,3 +157,74 @@ def test_held_out_sets_and_psnr():
     noisy = np.clip(imgs.astype(int) + 8, 0, 255).astype(np.uint8)
     assert 28 < tb.psnr(imgs, noisy) < 31
     assert tb.psnr(imgs, noisy, masks) > 28
+
+
+def test_device_batches_replay_recent_batches_instead_of_waiting():
+    tok = tb.load_tokenizer()
+    # exact and in order without replay: the same data as the world's own stream, tokenized once
+    plain = tb.DeviceBatches(tb.Batches(3, seed=5, stream=tb.STREAM_JOINT), "cpu", tok, replay=0)
+    ref = tb.Batches(3, seed=5, stream=tb.STREAM_JOINT)
+    for _ in range(2):
+        (x, ids), (a, captions) = next(plain), next(ref)
+        assert x.dtype == torch.uint8 and np.array_equal(x.numpy(), a)
+        assert torch.equal(ids, tok(captions, padding="max_length", max_length=32, truncation=True,
+                                    return_tensors="pt").input_ids)
+    assert (plain.fresh, plain.replayed, plain.position) == (2, 0, 2)
+
+    # a worker drawing 48 images per batch cannot keep up with back-to-back requests: replays fill the gaps
+    data = tb.DeviceBatches(tb.Batches(48, seed=1, stream=tb.STREAM_VAE, workers=1), "cpu", replay=3, seed=0)
+    try:
+        got = [next(data) for _ in range(30)]
+        assert data.fresh >= 1 and data.replayed >= 1 and data.fresh + data.replayed == 30
+        assert len(data.buffer) <= 3 and data.position == data.fresh  # resume continues after the fresh ones
+        assert len({id(x) for x, _ in got}) == data.fresh  # a replay returns an earlier fresh batch, no new data
+        for x, ids in got:
+            assert x.shape == (48, 64, 64, 3) and ids is None
+    finally:
+        data.close()
+    f = tb.as_float(got[0][0])
+    assert f.shape == (48, 3, 64, 64) and f.min() >= -1 and f.max() <= 1
+
+
+def test_init_continues_from_a_saved_model(tmp_path):
+    first = tmp_path / "first"
+    recipe = micro()
+    tb.train_base(first, minutes=None, device="cpu", recipe=recipe)
+    events = []
+    report = tb.train_base(tmp_path / "second", minutes=None, device="cpu", recipe=recipe, init=first,
+                           on_event=events.append)
+    assert any("starting from the weights" in e for e in events)
+    assert report["init"]["folder"] == str(first) and report["init"]["joint_steps"] == 2
+    assert "Continued from the weights" in (tmp_path / "second" / "README.md").read_text()
+    # the second run's VAE starts where the first ended: before any step its weights equal the saved ones
+    from safetensors.torch import load_file
+
+    vae, text, unet = tb.build_models(recipe, 8514, 49406, 49407)
+    tb.load_weights(first, vae, text, unet)
+    saved = load_file(str(next((first / "unet").glob("*.safetensors"))))
+    k = next(iter(saved))
+    assert torch.equal(unet.state_dict()[k], saved[k].float())
+    with pytest.raises(PerfusionError, match="does not match this recipe"):
+        tb.load_weights(first, *tb.build_models(tb.BaseRecipe.cpu(), 8514, 49406, 49407))
+    with pytest.raises(PerfusionError, match="not a saved pipeline"):
+        tb.load_weights(tmp_path, vae, text, unet)
+
+
+def test_the_bundled_default_is_the_trained_toyworld_model():
+    """`--model toyworld` resolves to the shipped toyworld-v1 folder: a standard fp16 pipeline under 40 MB,
+    trained by train-base (its report says on what), whose text encoder the profile's covariance belongs to."""
+    from perfusion_cli import covariance, models
+    from perfusion_cli.registry import bundled_dir
+
+    base = models.load("toyworld", device="cpu", dtype="fp32")
+    folder = bundled_dir() / "models" / "toyworld-v1"
+    assert folder.is_dir() and base.profile.path == "models/toyworld-v1"
+    assert tb.folder_weight_bytes(folder) <= tb.MAX_BYTES
+    assert tb.saved_dtypes(folder) == {"text_encoder": ["F16"], "unet": ["F16"], "vae": ["F16"]}
+    report = json.loads((folder / "report.json").read_text())
+    assert report["format"] == "perfusion toyworld base model report v1" and report["init"]  # continued once
+    assert report["vae"]["latent_std"] > 0 and base.pipe.vae.config.scaling_factor == pytest.approx(
+        report["vae"]["scaling_factor"], rel=1e-3)
+    assert base.text_fingerprint in base.profile.text_fingerprints
+    assert covariance.for_model(base).source.startswith("bundled:toyworld-v1")
+    assert base.resolution == 64 and base.pipe.unet.config.in_channels == 4

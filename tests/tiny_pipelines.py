@@ -35,7 +35,7 @@ from transformers import (
     CLIPTokenizer,
 )
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "registry" / "models" / "toyworld-v0" / "tokenizer"
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "registry" / "models" / "toyworld-v1" / "tokenizer"
 
 KINDS = ("sd1", "sd2", "sdxl")
 

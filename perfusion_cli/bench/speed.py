@@ -432,7 +432,7 @@ def build_sd15(device: str = "auto", dtype: str = "auto", seed: int = 0) -> mode
 
     dev = models.pick_device(device)
     dt = models.pick_dtype(dtype, dev)
-    tok = CLIPTokenizer.from_pretrained(str(bundled_dir() / "models" / "toyworld-v0" / "tokenizer"),
+    tok = CLIPTokenizer.from_pretrained(str(bundled_dir() / "models" / "toyworld-v1" / "tokenizer"),
                                         model_max_length=77)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -639,6 +639,7 @@ def _bench_training(base, C_inv, cfg: SpeedConfig, mem: PeakMemory, sync, tick) 
         paired.append(statistics.median(round_steps) / statistics.median(round_floors))
     step_t, floor_t = Timing(steps), Timing(floors)
     setup = max(0.0, statistics.median(setups) - step_t.median)
+    ops = _bench_ops(base, C_inv, floor, cfg)
     micro = FULL_BATCH / cfg.train_batch
     prof = base.profile.train or {}
     p_steps, p_batch, p_accum = (int(prof.get("steps", 400)), int(prof.get("batch_size", 4)),
@@ -662,6 +663,7 @@ def _bench_training(base, C_inv, cfg: SpeedConfig, mem: PeakMemory, sync, tick) 
         "goal": GOAL_TRAIN,
         "meets_goal": step_t.median / floor_t.median <= GOAL_TRAIN,
         "peak_memory": {"step": _max_peak(train_mem), "floor": _max_peak(floor_mem)},
+        "operations": ops,
         "setup_s": setup,
         "full_concept": {
             "steps": FULL_STEPS, "batch": FULL_BATCH, "micro_steps": FULL_STEPS * micro,
@@ -719,6 +721,10 @@ def _bench_low_memory(base, C_inv, cfg: SpeedConfig, mem: PeakMemory, sync, tick
             mem.reset()
         tick()
 
+    if base.device.type == "cuda":
+        # the caching allocator still holds the blocks of the batch-16 rounds; give them back so that the
+        # reserve read below is this mode's own (the first GPU report read 19.7 GiB here for that reason)
+        torch.cuda.empty_cache()
     mem.reset()
     Trainer(base, TRAIN_NAME, TRAIN_SUPER, C_inv, tcfg).fit(_photos(base, cfg), progress=on_step)
     peak = mem.read()
@@ -727,6 +733,41 @@ def _bench_low_memory(base, C_inv, cfg: SpeedConfig, mem: PeakMemory, sync, tick
     return {"batch": batch, "step": Timing(intervals or [float("nan")]).to_dict(), "peak_memory": peak,
             "goal_bytes": GOAL_LOW_MEMORY_BYTES if base.device.type == "cuda" else None,
             "meets_goal": (held <= GOAL_LOW_MEMORY_BYTES) if base.device.type == "cuda" else None}
+
+
+def count_ops(fn: Callable[[], object]) -> int:
+    """Tensor operations (ATen operator calls, views included) that fn dispatches, backward passes included.
+
+    On a GPU each non-view operation is a kernel launch, and a launch-bound step (SD 1.5 at small batches,
+    PERFUSION.md §12) costs about its launches: this count is the noise-free part of a step's overhead."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            _Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        fn()
+    return _Count.n
+
+
+def _bench_ops(base, C_inv, floor, cfg: SpeedConfig) -> dict:
+    """Operations per training step (the difference between fits of 3 and 1 steps, over 2) and per floor step."""
+    from ..training import Trainer, TrainConfig
+
+    photos = _photos(base, cfg)
+
+    def fit(steps: int):
+        tcfg = TrainConfig(steps=steps, batch_size=cfg.train_batch, grad_accum=1, checkpoint_every=0,
+                           validate_every=0, mask="none", seed=cfg.seed)
+        return lambda: Trainer(base, TRAIN_NAME, TRAIN_SUPER, C_inv, tcfg).fit(photos)
+
+    step = (count_ops(fit(3)) - count_ops(fit(1))) / 2
+    floor_ops = count_ops(floor)
+    return {"step": step, "floor": floor_ops, "extra": step - floor_ops, "ratio": step / floor_ops}
 
 
 def _bench_render(base, C, concepts, cfg: SpeedConfig, mem: PeakMemory, sync, tick) -> dict:
@@ -1111,6 +1152,13 @@ def markdown(result: SpeedResult | dict) -> str:
     a(f"| **ratio** | **{tr['ratio']:.2f}×** | paired {tr['ratio_paired']:.2f}×, of minima "
       f"{tr['ratio_of_min']:.2f}× | |")
     a("")
+    if tr.get("operations"):
+        o = tr["operations"]
+        a(f"Tensor operations per step (ATen calls, forward and backward, views included; on a GPU the non-view "
+          f"ones are kernel launches, which bound a small step): `perfusion train` {o['step']:.0f}, floor "
+          f"{o['floor']}: **{o['extra']:+.0f}** ({o['ratio']:.2f}×). Unlike times, these counts do not vary "
+          "from run to run.")
+        a("")
     fc, pd = tr["full_concept"], tr["profile_default"]
     a(f"Goal ≤ {tr['goal']:.2f}× the floor: **{ok(tr['meets_goal'])}** it (by the ratio of medians; “paired” is the "
       "median over rounds of each round's own ratio, which a load drifting between rounds does not skew).")

@@ -54,7 +54,7 @@ def _silence_libraries() -> None:
         pass
 
 
-from . import bench, concepts, render, toyworld, train  # noqa: E402  (register the commands)
+from . import bench, concepts, demo, render, toyworld, train  # noqa: E402  (register the commands)
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from . import app
-from .common import device_option, emit_json, event, fail, guarded, progress_bar, say
+from .common import device_option, emit_json, event, fail, guarded, progress_bar, say, warn
 
 toyworld_app = typer.Typer(
     help="The procedural toy world (64x64 scenes) and its small base model.",
@@ -41,6 +41,8 @@ def train_base(
                                    "e.g. --set joint_batch=64 --set vae_steps=500."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT/.checkpoint."),
     force: bool = typer.Option(False, "--force", help="Write into a non-empty OUT folder."),
+    init: Path = typer.Option(None, "--init", help="Start from the weights of a model folder this command saved "
+                              "(same recipe shapes): continue training it."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of the folder."),
 ):
     """Train the toy world's base model (VAE, then text encoder + UNet) and save it as a pipeline folder."""
@@ -78,7 +80,7 @@ def train_base(
             bar.update(t, completed=done, info=info)
 
         report = run(out, minutes=minutes, device=dev, recipe=recipe, progress=on_progress, on_event=event,
-                     resume=resume, force=force)
+                     resume=resume, force=force, init=init)
     v = report["vae"]
     say(f"VAE PSNR: patterned {v['psnr_patterned']:.2f} dB (object pixels {v['psnr_patterned_object']:.2f}), "
         f"general {v['psnr_general']:.2f} dB; joint {report['joint']['steps']} steps; "
@@ -87,3 +89,103 @@ def train_base(
         emit_json(report)
     else:
         typer.echo(str(out))
+
+
+@toyworld_app.command("instances")
+@guarded
+def instances(json_out: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """List the toy world's instances (objects the base model never saw): name, supercategory, set, look."""
+    from ..toyworld import world as tw
+
+    rows = [{"name": i.name, "supercategory": i.supercategory,
+             "set": "development" if i in tw.DEV_INSTANCES else "reporting", "description": i.description}
+            for i in tw.INSTANCES]
+    if json_out:
+        emit_json(rows)
+        return
+    for r in rows:
+        typer.echo(f"{r['name']:<12} {r['supercategory']:<6} {r['set']:<12} {r['description']}")
+
+
+@toyworld_app.command("score")
+@guarded
+def score(
+    images: list[Path] = typer.Argument(..., help="PNG files or folders of them (64x64 toy-world images)."),
+    prompt: str = typer.Option(None, "--prompt", help="Caption to score alignment against, e.g. 'a mycat on a beach'."),
+    instance: str = typer.Option(None, "--instance", help="Toy-world instance to score fidelity against (its photo set)."),
+    concept: list[str] = typer.Option(None, "--concept", help="NAME=KIND: a concept word in --prompt and its kind, "
+                                      "e.g. mycat=cat (with --instance, its name and kind are known already)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON (one record per image, with the workings)."),
+):
+    """Score images with the toy world's evaluators: alignment to --prompt, fidelity to --instance."""
+    from ..images import list_images
+    from ..toyworld import evaluate as ev
+    from ..toyworld import world as tw
+
+    if prompt is None and instance is None:
+        fail("nothing to score against: pass --prompt CAPTION and/or --instance NAME")
+    if instance is not None and instance not in tw.INSTANCES_BY_NAME:
+        fail(f"unknown instance {instance!r}; see `perfusion toyworld instances`")
+    concepts = {}
+    for c in concept or []:
+        word, sep, kind = c.partition("=")
+        word, kind = word.strip().lower(), kind.strip().lower()
+        if not sep or not word or kind not in tw.KINDS:
+            fail(f"--concept {c!r}: expected NAME=KIND with KIND one of {', '.join(tw.KINDS)}")
+        concepts[word] = kind
+    if instance is not None:
+        concepts.setdefault(instance, tw.INSTANCES_BY_NAME[instance].supercategory)
+    files = []
+    for p in images:
+        if p.is_dir():
+            files += list_images(p)
+        elif p.is_file():
+            files.append(p)
+        else:
+            fail(f"{p}: no such file or folder")
+    if not files:
+        fail("no images found in the folders given")
+    records = []
+    for f in files:
+        image = _read_64(f)
+        rec = {"image": str(f)}
+        if prompt is not None:
+            try:
+                d = ev.alignment_details(image, prompt, concepts or None)
+            except ValueError as e:
+                hint = "; name concept words with --concept NAME=KIND" if "unknown object word" in str(e) else ""
+                fail(f"--prompt: {e}{hint}")
+            rec["alignment"] = round(d["score"], 4)
+            if json_out:
+                rec["alignment_details"] = d
+        if instance is not None:
+            d = ev.fidelity_details(image, instance)
+            rec["fidelity"] = round(d["score"], 4)
+            if json_out:
+                rec["fidelity_details"] = d
+        records.append(rec)
+    if json_out:
+        emit_json(records)
+        return
+    cols = [k for k in ("alignment", "fidelity") if k in records[0]]
+    typer.echo("\t".join(["image", *cols]))
+    for r in records:
+        typer.echo("\t".join([r["image"], *(f"{r[k]:.3f}" for k in cols)]))
+    if len(records) > 1:
+        say("mean: " + ", ".join(f"{k} {sum(r[k] for r in records) / len(records):.3f}" for k in cols))
+
+
+def _read_64(path: Path):
+    """An image as uint8 (64, 64, 3): the evaluators' size (others are resized, with a warning)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (64, 64):
+                warn(f"{path}: {im.size[0]}x{im.size[1]}, resized to 64x64 (the toy world's size)")
+                im = im.resize((64, 64), Image.Resampling.LANCZOS)
+            return np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        fail(f"{path}: not a readable image ({type(e).__name__}); pass PNG or JPEG files")

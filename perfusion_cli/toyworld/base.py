@@ -16,7 +16,8 @@ captions next to the model's renders of the same captions), measures how much a 
 into the following tokens as Perfusion's gate sees it (`gate_leak`), and writes `README.md` and
 `report.json` into the folder.
 
-The tokenizer is the toy CLIP BPE tokenizer bundled with toyworld-v0 (8,514 tokens, 32 positions); every
+The tokenizer is the toy CLIP BPE tokenizer of the bundled toy model (8,514 tokens, 32 positions; first made for
+toyworld-v0, whose world had fewer words); every
 word of the world's vocabulary is one token except a few listed by `vocabulary_check`.
 
 Resumable: a checkpoint (safetensors tensors + JSON metadata, no pickle) is written to
@@ -117,6 +118,10 @@ class BaseRecipe:
                                                     # (AMX / AVX512-BF16: ~2x faster); CPU UNet steps stay fp32
                                                     # (bf16 was slower there)
     data_workers: int = -1                          # processes drawing world images (-1: auto; 0: in-process)
+    replay_batches: int = 0                         # GPU-resident ring of recent batches, replayed (with new noise and
+                                                    # timesteps) whenever the workers have no fresh batch ready, so the
+                                                    # GPU never waits for the CPU-drawn world (0: off: every step waits
+                                                    # for fresh data; a run is then reproducible and resumable exactly)
     cpu_threads: int = -1                           # torch threads on CPU (-1: the cores the 1-minute load average
                                                     # leaves free, at least 1: oversubscribed OpenMP threads were
                                                     # 3-4x slower than one thread on a busy 2-core machine)
@@ -135,7 +140,7 @@ class BaseRecipe:
     def gpu(cls, **overrides) -> "BaseRecipe":
         """For ≤ 10 minutes on one H100-class GPU: large batches, bf16 autocast, EMA."""
         return dataclasses.replace(cls(vae_batch=128, joint_batch=256, vae_warmup=100, joint_warmup=200,
-                                       ema_decay=0.999, log_every=10), **overrides)
+                                       ema_decay=0.999, log_every=10, replay_batches=256), **overrides)
 
     @classmethod
     def cpu(cls, **overrides) -> "BaseRecipe":
@@ -209,7 +214,7 @@ ProgressFn = Callable[[Progress], None]
 def tokenizer_dir() -> Path:
     from ..registry import bundled_dir
 
-    return bundled_dir() / "models" / "toyworld-v0" / "tokenizer"
+    return bundled_dir() / "models" / "toyworld-v1" / "tokenizer"
 
 
 def load_tokenizer(max_length: int = 32):
@@ -319,6 +324,17 @@ class Batches:
         self.next += 1
         return out
 
+    def poll(self):
+        """The next batch if it is ready now (always, without workers), else None."""
+        if self.workers <= 0:
+            return next(self)
+        if self._pool is None:
+            self._pool = worker_pool(self.workers)
+        while len(self._pending) < 3 * self.workers:
+            self._pending.append(self._pool.submit(_world_batch, self._args(self._queued)))
+            self._queued += 1
+        return next(self) if self._pending[0].done() else None
+
     def close(self):
         for f in self._pending:
             f.cancel()
@@ -326,6 +342,69 @@ class Batches:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
         self._pending = []
+
+
+class DeviceBatches:
+    """Training batches on the device: (images uint8 (B,64,64,3), token ids (B,L) or None).
+
+    Fresh world batches are moved to the device once (and tokenized once). With `replay` > 0 the last
+    `replay` fresh batches stay on the device, and a step for which the workers have no fresh batch
+    ready takes one of them at random instead of waiting: on a GPU the world's CPU renderer, not the
+    model, set the pace (the first GPU run drew ~2,500 images/s with 12 processes while the VAE could
+    have consumed several times more). Counts of fresh and replayed batches go into the report.
+    """
+
+    def __init__(self, source: Batches, device, tokenizer=None, max_length: int = 32, replay: int = 0,
+                 seed: int = 0):
+        self.source, self.device, self.tokenizer, self.max_length = source, device, tokenizer, max_length
+        self.replay = replay
+        self.buffer: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self.slot = 0
+        self.rng = np.random.default_rng(seed)
+        self.fresh = self.replayed = 0
+
+    def _put(self, images: np.ndarray, captions: list[str]):
+        x = torch.from_numpy(np.ascontiguousarray(images))
+        x = x.pin_memory().to(self.device, non_blocking=True) if torch.device(self.device).type == "cuda" \
+            else x.to(self.device)
+        ids = None
+        if self.tokenizer is not None:
+            ids = self.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,
+                                 return_tensors="pt").input_ids.to(self.device, non_blocking=True)
+        if self.replay > 0:
+            if len(self.buffer) < self.replay:
+                self.buffer.append((x, ids))
+            else:
+                self.buffer[self.slot] = (x, ids)
+                self.slot = (self.slot + 1) % self.replay
+        self.fresh += 1
+        return x, ids
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.replay <= 0 or not self.buffer:
+            return self._put(*next(self.source))
+        got = self.source.poll()
+        if got is not None:
+            return self._put(*got)
+        self.replayed += 1
+        return self.buffer[int(self.rng.integers(len(self.buffer)))]
+
+    @property
+    def position(self) -> int:
+        """Fresh batches consumed (where a resumed run continues the world's stream)."""
+        return self.source.next
+
+    def close(self):
+        self.source.close()
+        self.buffer = []
+
+
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (B,H,W,3) images -> float (B,3,H,W) in [-1, 1]."""
+    return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
 
 
 def worker_pool(workers: int) -> ProcessPoolExecutor:
@@ -451,6 +530,18 @@ def gate_leak(text_encoder, tokenizer, device="cpu", n_captions: int = 1000, see
         "padding_mean": round(float(p.mean()), 4) if p.numel() else None,
         "words": len(after),
     }
+
+
+STREAM_COVARIANCE = 106
+
+
+def world_covariance(pipe, n_captions: int = 4000, seed: int = 0) -> torch.Tensor:
+    """C = E[e eᵀ] of the model's text encodings over held-out world captions (covariance.estimate): the
+    statistics of what this model's UNet reads, for Perfusion's C⁻¹ metric. (float64 (d, d))"""
+    from ..covariance import estimate
+
+    _, captions, _ = tw.sample(n_captions, seed=(seed, STREAM_COVARIANCE, 0))
+    return estimate(pipe, captions)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -727,6 +818,7 @@ def train_base(
     resume: bool = False,
     force: bool = False,
     keep_checkpoint: bool = False,
+    init=None,
 ) -> dict:
     """Train VAE, then text encoder + UNet, within `minutes` of training time (evaluation, saving and the
     sample grid come after and are timed separately); write the pipeline folder. Returns the report.
@@ -734,6 +826,9 @@ def train_base(
     minutes None: no time limit (recipe.vae_steps and recipe.joint_steps must then be set). Explicit step
     counts set the schedules; the time budget still stops a phase early. On CPU the torch thread count is
     set for the run (BaseRecipe.cpu_threads) and restored afterwards.
+
+    init: a pipeline folder saved by an earlier run of the same recipe's shapes; training starts from its
+    weights (both phases still run: the VAE continues, then text encoder + UNet adapt to it).
     """
     dev = resolve_device(device)
     threads = torch.get_num_threads()
@@ -741,7 +836,7 @@ def train_base(
         r = recipe or BaseRecipe.cpu()
         torch.set_num_threads(cpu_threads(r))
     try:
-        return _train_base(out_dir, minutes, dev, recipe, progress, on_event, resume, force, keep_checkpoint)
+        return _train_base(out_dir, minutes, dev, recipe, progress, on_event, resume, force, keep_checkpoint, init)
     finally:
         torch.set_num_threads(threads)
 
@@ -756,6 +851,7 @@ def _train_base(
     resume: bool = False,
     force: bool = False,
     keep_checkpoint: bool = False,
+    init=None,
 ) -> dict:
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -804,14 +900,14 @@ def _train_base(
             pool.submit(_world_batch, (2, (recipe.seed, 0, i)))
     try:
         return _run(out, ckpt_dir, minutes, device, recipe, tensors, meta, say, prog, t_start, cuda, amp, vae_amp,
-                    precision, workers, pool, keep_checkpoint)
+                    precision, workers, pool, keep_checkpoint, init)
     finally:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _run(out, ckpt_dir, minutes, device, recipe, tensors, meta, say, prog, t_start, cuda, amp, vae_amp, precision,
-         workers, pool, keep_checkpoint) -> dict:
+         workers, pool, keep_checkpoint, init=None) -> dict:
     tokenizer = load_tokenizer(recipe.max_length)
     vocab = vocabulary_check(tokenizer)
     vae, text_encoder, unet = build_models(recipe, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
@@ -819,6 +915,9 @@ def _run(out, ckpt_dir, minutes, device, recipe, tensors, meta, say, prog, t_sta
         vae.load_state_dict(_unprefixed("vae", tensors))
         text_encoder.load_state_dict(_unprefixed("text", tensors))
         unet.load_state_dict(_unprefixed("unet", tensors))
+    elif init is not None:
+        load_weights(init, vae, text_encoder, unet)
+        say(f"starting from the weights of {init}")
     vae.to(device)
     text_encoder.to(device)
     unet.to(device)
@@ -826,13 +925,17 @@ def _run(out, ckpt_dir, minutes, device, recipe, tensors, meta, say, prog, t_sta
     total_budget = None if minutes is None else minutes * 60.0
     vae_budget = None if total_budget is None else total_budget * recipe.vae_fraction
     report: dict = meta.get("report") or {"vae": {"history": []}, "joint": {"loss_history": []}}
+    if init is not None and not tensors:
+        report["init"] = _init_record(init)
     last_ckpt = time.perf_counter()
 
-    def checkpoint(phase: str, step: int, extra: dict[str, torch.Tensor], opt_meta: dict, clocks: dict):
+    def checkpoint(phase: str, step: int, extra: dict[str, torch.Tensor], opt_meta: dict, clocks: dict,
+                   data_position: int | None = None):
         t = dict(_prefixed("vae", vae.state_dict()), **_prefixed("text", text_encoder.state_dict()),
                  **_prefixed("unet", unet.state_dict()), **extra)
         _save_checkpoint(ckpt_dir, t, {"phase": phase, "step": step, "recipe": asdict(recipe), "optim": opt_meta,
-                                       "clocks": clocks, "report": report, "minutes": minutes})
+                                       "clocks": clocks, "report": report, "minutes": minutes,
+                                       "data_position": step if data_position is None else data_position})
 
     # ---------------------------------------------------------------- phase 1: VAE
     phase = meta.get("phase", "vae")
@@ -845,7 +948,11 @@ def _run(out, ckpt_dir, minutes, device, recipe, tensors, meta, say, prog, t_sta
         evals, ev_imgs = _vae_eval_plan(recipe)
         while evals and evals[0] <= _phase_progress(step, recipe.vae_steps, vae_clock(), vae_budget):
             evals.pop(0)  # resumed: already measured
-        data = Batches(recipe.vae_batch, recipe.seed, STREAM_VAE, start=step, workers=workers, pool=pool)
+        data = DeviceBatches(
+            Batches(recipe.vae_batch, recipe.seed, STREAM_VAE, start=int(meta.get("data_position", step)),
+                    workers=workers, pool=pool),
+            device, replay=recipe.replay_batches, seed=int(np.random.SeedSequence([recipe.seed, 1, step])
+                                                           .generate_state(1)[0]))
         vae.train()
         running = torch.zeros((), device=device)
         n_run = 0
@@ -859,7 +966,7 @@ def _run(out, ckpt_dir, minutes, device, recipe, tensors, meta, say, prog, t_sta
                 lr = recipe.vae_lr * lr_factor(step, recipe.vae_warmup, p, recipe.min_lr_ratio)
                 for gr in opt.param_groups:
                     gr["lr"] = lr
-                x = _to_tensor(images, device)
+                x = as_float(images)
                 g = _step_generator(device, recipe.seed, 1, step)
                 with vae_amp:
                     post = vae.encode(x).latent_dist
@@ -875,7 +982,7 @@ def _run(out, ckpt_dir, minutes, device, recipe, tensors, meta, say, prog, t_sta
                 n_run += 1
                 if recipe.checkpoint_minutes and time.perf_counter() - last_ckpt > 60 * recipe.checkpoint_minutes:
                     ts, om = _optim_tensors(opt, "opt_vae")
-                    checkpoint("vae", step, ts, om, {"vae": vae_clock()})
+                    checkpoint("vae", step, ts, om, {"vae": vae_clock()}, data.position)
                     last_ckpt = time.perf_counter()
                 if step % recipe.log_every == 0 or step == 1:
                     lv = float(running) / n_run
@@ -892,6 +999,8 @@ def _run(out, ckpt_dir, minutes, device, recipe, tensors, meta, say, prog, t_sta
         finally:
             data.close()
         vae.eval()
+        report["vae"]["fresh_batches"] = report["vae"].get("fresh_batches", 0) + data.fresh
+        report["vae"]["replayed_batches"] = report["vae"].get("replayed_batches", 0) + data.replayed
         report["vae"]["steps"] = step
         report["vae"]["images_seen"] = step * recipe.vae_batch
         report["vae"]["seconds"] = round(vae_clock(), 1)
@@ -939,7 +1048,13 @@ def _run(out, ckpt_dir, minutes, device, recipe, tensors, meta, say, prog, t_sta
     unet.train()
     text_encoder.train()
     all_params = [p for gr in params for p in gr["params"]]
-    data = Batches(recipe.joint_batch, recipe.seed, STREAM_JOINT, start=step, workers=workers, pool=pool)
+    data = DeviceBatches(
+        Batches(recipe.joint_batch, recipe.seed, STREAM_JOINT,
+                start=int(meta.get("data_position", step)) if meta else step, workers=workers, pool=pool),
+        device, tokenizer, recipe.max_length, replay=recipe.replay_batches,
+        seed=int(np.random.SeedSequence([recipe.seed, 2, step]).generate_state(1)[0]))
+    empty_ids = tokenizer([""], padding="max_length", max_length=recipe.max_length, truncation=True,
+                          return_tensors="pt").input_ids.to(device)
     running = torch.zeros((), device=device)
     n_run = 0
     say(f"text encoder + UNet: batch {recipe.joint_batch}, "
@@ -948,18 +1063,16 @@ def _run(out, ckpt_dir, minutes, device, recipe, tensors, meta, say, prog, t_sta
         f"{'%.0f s' % joint_budget if joint_budget else ''}, EMA {recipe.ema_decay or 'off'}")
     try:
         while not _done(step, recipe.joint_steps, joint_clock(), joint_budget):
-            images, captions = next(data)
+            images, ids = next(data)
             p = _phase_progress(step, recipe.joint_steps, joint_clock(), joint_budget)
             f = lr_factor(step, recipe.joint_warmup, p, recipe.min_lr_ratio)
             for gr in opt.param_groups:
                 gr["lr"] = gr["base"] * f
             g = _step_generator(device, recipe.seed, 2, step)
             gc = _step_generator("cpu", recipe.seed, 2, step)
-            drop = torch.rand(len(captions), generator=gc) < recipe.empty_prompt_p
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-            ids = tokenizer(captions, padding="max_length", max_length=recipe.max_length, truncation=True,
-                            return_tensors="pt").input_ids.to(device, non_blocking=True)
-            x = _to_tensor(images, device)
+            drop = torch.rand(len(ids), generator=gc) < recipe.empty_prompt_p   # captions emptied for CFG
+            ids = torch.where(drop.to(device)[:, None], empty_ids, ids)
+            x = as_float(images)
             with torch.no_grad(), vae_amp:
                 z = vae.encode(x).latent_dist.sample(generator=g).float() * scaling
             noise = torch.randn(z.shape, generator=g, device=device)
@@ -987,7 +1100,7 @@ def _run(out, ckpt_dir, minutes, device, recipe, tensors, meta, say, prog, t_sta
                 ts, om = _optim_tensors(opt, "opt_joint")
                 if ema is not None:
                     ts.update({f"ema.{i}": s for i, s in enumerate(ema.shadow)})
-                checkpoint("joint", step, ts, om, {"vae": vae_seconds, "joint": joint_clock()})
+                checkpoint("joint", step, ts, om, {"vae": vae_seconds, "joint": joint_clock()}, data.position)
                 last_ckpt = time.perf_counter()
             if step % recipe.log_every == 0 or step == 1:
                 lv = float(running) / n_run
@@ -998,6 +1111,8 @@ def _run(out, ckpt_dir, minutes, device, recipe, tensors, meta, say, prog, t_sta
                               opt.param_groups[0]["lr"]))
     finally:
         data.close()
+    report["joint"]["fresh_batches"] = report["joint"].get("fresh_batches", 0) + data.fresh
+    report["joint"]["replayed_batches"] = report["joint"].get("replayed_batches", 0) + data.replayed
     report["joint"]["steps"] = step
     report["joint"]["images_seen"] = step * recipe.joint_batch
     report["joint"]["seconds"] = round(joint_clock(), 1)
@@ -1077,6 +1192,40 @@ def _run(out, ckpt_dir, minutes, device, recipe, tensors, meta, say, prog, t_sta
     return report
 
 
+def load_weights(folder, vae, text_encoder, unet) -> None:
+    """Copy the weights of a saved pipeline folder into fresh models of the same shapes (fp16 -> fp32)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for part, model in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet)):
+        files = sorted((folder / part).glob("*.safetensors"))
+        if not files:
+            raise PerfusionError(f"--init {folder}: no {part}/*.safetensors (not a saved pipeline folder)")
+        state = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        own = model.state_dict()
+        bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+        missing = [k for k in own if k not in state and not k.endswith("position_ids")]
+        if bad or missing:
+            raise PerfusionError(f"--init {folder}: its {part} does not match this recipe's shapes "
+                                 f"({len(bad)} tensors differ, {len(missing)} missing); use the same recipe")
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items() if k in own}, strict=False)
+
+
+def _init_record(folder) -> dict:
+    folder = Path(folder)
+    rec = {"folder": str(folder)}
+    try:
+        r = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+        rec.update({"train_s": r.get("time", {}).get("train_s"), "vae_steps": r.get("vae", {}).get("steps"),
+                    "joint_steps": r.get("joint", {}).get("steps"), "device_name": r.get("device_name"),
+                    "previous_init": r.get("init")})
+    except (OSError, ValueError):
+        pass
+    return rec
+
+
 def _vae_loss(r: BaseRecipe, x: torch.Tensor, y: torch.Tensor, post) -> torch.Tensor:
     d = y - x
     loss = r.vae_l1 * d.abs().mean() + r.vae_l2 * d.pow(2).mean()
@@ -1103,6 +1252,24 @@ def _last_psnr(report: dict) -> str:
     return f"patterned-object PSNR {h[-1][2]:.1f} dB" if h else ""
 
 
+def _init_line(report: dict) -> str:
+    i = report.get("init")
+    if not i:
+        return ""
+    prev = f" ({i['vae_steps']} VAE + {i['joint_steps']} joint steps, {i['train_s']:.0f} s on {i['device_name']})" \
+        if i.get("train_s") is not None else ""
+    return f"Continued from the weights of an earlier run{prev}: the steps above are this run's only.\n"
+
+
+def _replay_line(report: dict) -> str:
+    v, j = report["vae"], report["joint"]
+    if not (v.get("replayed_batches") or j.get("replayed_batches")):
+        return ""
+    return (f"Fresh world batches / replayed ones (a step replays a recent batch with new noise when the CPU renderer "
+            f"has none ready): VAE {v.get('fresh_batches', 0)} / {v.get('replayed_batches', 0)}, joint "
+            f"{j.get('fresh_batches', 0)} / {j.get('replayed_batches', 0)}.\n")
+
+
 def model_card(report: dict) -> str:
     """The README.md written into the model folder."""
     r, v, j = report["recipe"], report["vae"], report["joint"]
@@ -1120,7 +1287,7 @@ any Stable Diffusion checkpoint and render at 64x64:
     pipe("a red striped cat on a beach", height=64, width=64, num_inference_steps=30, guidance_scale=4)
 
 ## What it is
-- tokenizer: the toy CLIP BPE tokenizer of toyworld-v0 (8,514 tokens, {r['max_length']} positions); words that
+- tokenizer: the toy CLIP BPE tokenizer of toyworld-v0 and v1 (8,514 tokens, {r['max_length']} positions); words that
   are more than one token: {', '.join(f"{w} ({'+'.join(t)})" for w, t in multi.items()) or 'none'}
 - text encoder: `CLIPTextModel`, hidden {r['text_hidden']}, {r['text_layers']} layers, {p['text_encoder'] / 1e6:.2f}M parameters
 - VAE: `AutoencoderKL` 64x64x3 -> 16x16x{r['latent_channels']}, widths {tuple(r['vae_channels'])}, {p['vae'] / 1e6:.2f}M parameters,
@@ -1138,6 +1305,7 @@ Device: {report['device_name']} ({report['device']}); training budget {report['m
    {r['joint_warmup']} warmup steps, cosine), {r['empty_prompt_p']:.0%} empty prompts (classifier-free guidance),
    min-SNR gamma {r['min_snr_gamma']}, EMA {r['ema_decay'] or 'off'}. Final loss {j['final_loss']}.
 Precision: VAE phase {report['precision']['vae']}, joint phase {report['precision']['joint']}.
+{_init_line(report)}{_replay_line(report)}
 Seed {r['seed']}; the full recipe is in `report.json`.
 
 ## Measured
