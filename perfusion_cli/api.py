@@ -94,8 +94,14 @@ def train(
     registry: Registry | None = None,
     progress: Callable[[Progress], None] | None = None,
     on_event: Events = _quiet,
+    method: str = "perfusion",
+    method_config=None,
 ) -> Entry:
-    """Train a concept from a folder of photos and store it in the registry under `name`."""
+    """Train a concept from a folder of photos and store it in the registry under `name`.
+
+    method: "perfusion" (config: TrainConfig), or a baseline of methods.py (method_config: a
+    methods.MethodConfig; default methods.recipe(method) with config's steps, batch size, seed, templates).
+    """
     reg = registry or Registry()
     cfg = config or TrainConfig()
     validate_name(name)
@@ -117,6 +123,18 @@ def train(
     check_concept_word(base.pipe, name)
     cov = cov_mod.for_model(base, reg)
     on_event(f"text-encoder covariance: {cov.source}")
+    if method != "perfusion":
+        from . import methods
+
+        mcfg = method_config or methods.recipe(method, steps=cfg.steps, batch_size=cfg.batch_size * cfg.grad_accum,
+                                               seed=cfg.seed, templates=list(cfg.templates))
+        on_event(f"method {method}: {mcfg.steps} steps, lr {mcfg.lr:g}" + (f", embedding lr {mcfg.lr_embedding:g}"
+                                                                          if mcfg.lr_embedding else ""))
+        concept = methods.train_baseline(base, name, supercategory, photos, mcfg, progress=progress, on_event=on_event)
+        cs = ConceptSet(name=name, concepts=[concept],
+                        base_model={"id": base.id, "fingerprint": base.fingerprint, "family": base.family},
+                        covariance=cov.info)
+        return reg.put(name, concept_io.to_bytes(cs, torch.float32 if fp32 else torch.float16), force=force)
     trainer = Trainer(base, name, supercategory, _inverse(cov.C), cfg)
     workdir = reg.root / "runs" / name
 
@@ -277,11 +295,13 @@ def render(
         cov = cov_mod.for_model(base, reg)
         C = cov.C
         for name, cs in res.sets.items():
-            if cs.covariance.get("fingerprint") != cov.fingerprint:
+            if any(c.is_perfusion for c in cs.concepts) and cs.covariance.get("fingerprint") != cov.fingerprint:
                 on_event(f"warning: {name!r} was trained with covariance {cs.covariance.get('fingerprint')}, "
                          f"rendering with {cov.fingerprint} ({cov.source})")
     all_gates = {}
     for n, c in res.concepts.items():
+        if not c.is_perfusion:
+            continue  # a baseline method's concept has no gate
         g = Gate(c.tensors.beta if beta is None else beta, c.tensors.tau if tau is None else tau)
         all_gates[n] = (gates or {}).get(n, g)
     jobs = plan(res.prompts, settings, res.concepts)
@@ -322,6 +342,9 @@ def combine(names: list[str], name: str, exact: bool = True, gates: dict[str, Ga
     members: list[Concept] = []
     for _, cs in sets:
         for c in cs.concepts:
+            if not c.is_perfusion:
+                raise PerfusionError(f"{c.name!r} is a {c.method} concept: combine joins Perfusion concepts only "
+                                     "(render a baseline's concept alone)")
             if any(m.name == c.name for m in members):
                 raise PerfusionError(f"concept {c.name!r} appears twice in the combination")
             members.append(c)

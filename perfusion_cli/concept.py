@@ -10,6 +10,10 @@ tensors (member j = 0, 1, ...; fp16 by default, fp32 on request):
 Concatenating the per-layer targets keeps the safetensors header small: an SD 1.5 concept is
 ~55 KB in fp16 instead of ~60 KB with 32 separate tensors.
 
+A baseline concept (methods.py: ti, dreambooth, lora, custom-diffusion; member record "method") has
+its embeddings and, instead of i*/targets, its method's weights as {j}.w.<key> (keys as Concept.weights:
+"lora_down:<module>", "lora_up:<module>", "delta:<module>", "unet:<parameter>"); its record has no gate.
+
 __metadata__ (all strings; nested values are JSON):
     format "perfusion-concept", format_version "1", kind "concept" | "combination", name,
     base_model {id, fingerprint, family}, covariance {fingerprint, source},
@@ -44,14 +48,22 @@ class Concept:
 
     name: str                      # the word that stands for it in prompts, e.g. "mycat"
     supercategory: str             # the single-token word it is locked to, e.g. "cat"
-    tensors: ConceptTensors        # i*, o*_K, o*_V, default β/τ
+    tensors: ConceptTensors | None  # i*, o*_K, o*_V, default β/τ (None for a baseline method)
     embeddings: list[torch.Tensor]  # one (d_k,) token embedding per text encoder
     training: dict = field(default_factory=dict)  # the settings it was trained with
     created: str = ""
+    method: str = "perfusion"      # or a baseline of methods.py
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # a baseline's weights (methods.apply_weights)
 
     @property
     def layers(self) -> list[tuple[str, int]]:
+        if self.tensors is None:
+            return []
         return [(n, int(t.numel())) for n, t in self.tensors.value_targets.items()]
+
+    @property
+    def is_perfusion(self) -> bool:
+        return self.method == "perfusion"
 
 
 @dataclass
@@ -76,15 +88,22 @@ def to_bytes(cs: ConceptSet, dtype: torch.dtype = torch.float16) -> bytes:
     """Serialise a concept set (the caller writes the bytes atomically: see registry.put)."""
     if not cs.concepts:
         raise ValueError("a concept file needs at least one concept")
-    layers = cs.concepts[0].layers
+    perf = [c for c in cs.concepts if c.is_perfusion]
+    layers = perf[0].layers if perf else []
     tensors: dict[str, torch.Tensor] = {}
     members = []
     for j, c in enumerate(cs.concepts):
-        if c.layers != layers:
-            raise ValueError(f"concept {c.name!r} has other layers than {cs.concepts[0].name!r}")
-        t = c.tensors
         for k, emb in enumerate(c.embeddings):
             tensors[f"{j}.embedding.{k}"] = emb.detach().reshape(-1)
+        if not c.is_perfusion:
+            for key, w in c.weights.items():
+                tensors[f"{j}.w.{key}"] = w.detach()
+            members.append({"name": c.name, "token": c.name, "supercategory": c.supercategory, "method": c.method,
+                            "training": c.training, "created": c.created or now()})
+            continue
+        if c.layers != layers:
+            raise ValueError(f"concept {c.name!r} has other layers than {perf[0].name!r}")
+        t = c.tensors
         tensors[f"{j}.i_star"] = t.i_star.detach().reshape(-1)
         tensors[f"{j}.key_targets"] = torch.cat([t.key_targets[n].detach().reshape(-1) for n, _ in layers])
         tensors[f"{j}.value_targets"] = torch.cat([t.value_targets[n].detach().reshape(-1) for n, _ in layers])
@@ -147,7 +166,8 @@ def read_metadata(path: str | Path) -> dict:
         if len({n for n, _ in meta["layers"]}) != len(meta["layers"]):
             raise ValueError("duplicate layer names")
         if not isinstance(meta["concepts"], list) or not all(
-            isinstance(m, dict) and {"name", "supercategory", "gate"} <= set(m) for m in meta["concepts"]
+            isinstance(m, dict) and {"name", "supercategory"} <= set(m)
+            and ("gate" in m or m.get("method", "perfusion") != "perfusion") for m in meta["concepts"]
         ):
             raise ValueError("'concepts' is not a list of concept records")
         if not isinstance(meta["base_model"], dict) or not isinstance(meta["covariance"], dict):
@@ -171,13 +191,23 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> ConceptSet:
             names = set(f.keys())
             for j, m in enumerate(meta["concepts"]):
                 get = lambda k: f.get_tensor(f"{j}.{k}").float()
+                n_emb = sum(1 for k in names if k.startswith(f"{j}.embedding."))
+                method = m.get("method", "perfusion")
+                if method != "perfusion":
+                    prefix = f"{j}.w."
+                    concepts.append(Concept(
+                        name=m["name"], supercategory=m["supercategory"], tensors=None,
+                        embeddings=[get(f"embedding.{k}") for k in range(n_emb)], training=m.get("training", {}),
+                        created=m.get("created", ""), method=method,
+                        weights={k[len(prefix):]: f.get_tensor(k).float() for k in names if k.startswith(prefix)},
+                    ))
+                    continue
                 i_star = get("i_star")
                 K, V = get("key_targets"), get("value_targets")
                 if K.numel() != total or V.numel() != total:
                     raise ConceptFileError(
                         f"{path}: targets of {m['name']!r} have {K.numel()} values, layers need {total}"
                     )
-                n_emb = sum(1 for k in names if k.startswith(f"{j}.embedding."))
                 embeddings = [get(f"embedding.{k}") for k in range(n_emb)]
                 tensors = ConceptTensors(
                     i_star=i_star,

@@ -42,27 +42,47 @@ class Applied:
     cache:        compute each layer's edited K/V once per call and reuse it at every denoising step
     """
 
-    def __init__(self, pipe, concepts: list[Concept], C: torch.Tensor, gates: dict[str, Gate] | None = None,
-                 exact: bool = True, global_lock: bool = False, cache: bool = True):
+    def __init__(self, pipe, concepts: list[Concept], C: torch.Tensor | None, gates: dict[str, Gate] | None = None,
+                 exact: bool = True, global_lock: bool = False, cache: bool = True,
+                 scales: dict[str, float] | None = None):
         from .edit import inverse_covariance
+        from .methods import apply_weights
 
         self.pipe, self.concepts, self.global_lock = pipe, list(concepts), global_lock
         names = [c.name for c in self.concepts]
         if len(set(names)) != len(names):
             raise PerfusionError(f"two concepts share a name: {names}")
-        gates = gates or {}
-        self.gates = {c.name: gates.get(c.name, Gate(c.tensors.beta, c.tensors.tau)) for c in self.concepts}
+        gates, scales = gates or {}, scales or {}
+        perf = [c for c in self.concepts if c.is_perfusion]
+        self.gates = {c.name: gates.get(c.name, Gate(c.tensors.beta, c.tensors.tau)) for c in perf}
         self.supers = {c.name: c.supercategory for c in self.concepts}
+        # Baselines' weights go on first, so that the K/V cache below memoises their outputs too.
+        self.weights = []
         try:
-            self.patch = patching.apply(
-                pipe.unet, [c.tensors for c in self.concepts], inverse_covariance(C), exact=exact,
-                betas=[self.gates[n].beta for n in names], taus=[self.gates[n].tau for n in names], labels=names,
-                cache=cache,
-            )
+            for c in self.concepts:
+                if not c.is_perfusion:
+                    self.weights.append(apply_weights(pipe.unet, c.method, c.weights, scales.get(c.name, 1.0)))
+            if perf:
+                self.patch = patching.apply(
+                    pipe.unet, [c.tensors for c in perf], inverse_covariance(C), exact=exact,
+                    betas=[self.gates[c.name].beta for c in perf], taus=[self.gates[c.name].tau for c in perf],
+                    labels=[c.name for c in perf], cache=cache,
+                )
+            else:
+                self.patch = patching.attach(pipe.unet, cache=cache)
         except ValueError as e:
+            self._remove_weights()
             raise PerfusionError(f"{e}; was it trained on another base model?") from None
+        except Exception:
+            self._remove_weights()
+            raise
         self.override = EmbeddingOverride(pipe)
         self.override.set_concepts([c.embeddings for c in self.concepts])
+
+    def _remove_weights(self) -> None:
+        for w in reversed(self.weights):
+            w.remove()
+        self.weights = []
 
     def prepare(self, prompts: list[str]) -> list[str]:
         """Register prompts that name concepts; returns them as the pipeline must be given them."""
@@ -94,6 +114,7 @@ class Applied:
     def remove(self) -> None:
         self.patch.remove()
         self.override.remove()
+        self._remove_weights()
 
     def __enter__(self) -> "Applied":
         return self
@@ -219,7 +240,8 @@ def a1111_parameters(job: Job, s: RenderSettings, model: dict, concepts: list[di
     ]
     if concepts:
         fields.append("Perfusion: " + ", ".join(
-            f"{c['name']}:{c['beta']}:{c['tau']}:{c['sha256'][:12]}" for c in concepts))
+            f"{c['name']}:{c['beta']}:{c['tau']}:{c['sha256'][:12]}" if c.get("beta") is not None else
+            f"{c['name']}:{c.get('method')}:{c['sha256'][:12]}" for c in concepts))
         fields.append(f"Perfusion lock: {'global' if s.global_lock else 'local'}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
@@ -353,8 +375,9 @@ def render_jobs(
                 for job, image in zip(batch, result.images):
                     used = [{
                         "name": n,
-                        "beta": (applied.gates[n].beta if applied else None),
-                        "tau": (applied.gates[n].tau if applied else None),
+                        "method": concepts[n].method,
+                        "beta": (applied.gates[n].beta if applied and n in applied.gates else None),
+                        "tau": (applied.gates[n].tau if applied and n in applied.gates else None),
                         "sha256": hashes.get(n, ""),
                     } for n in job.concepts]
                     record = asdict(Written(path="", prompt=job.prompt, seed=job.seed, concepts=used,

@@ -90,7 +90,8 @@ def inspect(
         "covariance": meta["covariance"],
         "layers": [{"name": n, "width": w} for n, w in meta["layers"]],
         "concepts": [{"name": c["name"], "token": c.get("token"), "supercategory": c["supercategory"],
-                      "gate": c["gate"], "training": c.get("training", {}), "created": c.get("created")}
+                      "method": c.get("method", "perfusion"), "gate": c.get("gate"),
+                      "training": c.get("training", {}), "created": c.get("created")}
                      for c in meta["concepts"]],
         "exact": meta["exact"],
     }
@@ -106,16 +107,18 @@ def inspect(
     out.print(f"[bold]base model[/]\n  {bm.get('id')}  fingerprint {bm.get('fingerprint')}  family {bm.get('family')}\n"
               f"  covariance {record['covariance'].get('fingerprint')} ({record['covariance'].get('source')})")
     widths = [w for _, w in meta["layers"]]
-    out.print(f"[bold]layers[/]\n  {len(widths)} cross-attention layers, widths {min(widths)}-{max(widths)}, "
-              f"{sum(widths)} outputs each for K and V")
+    if widths:
+        out.print(f"[bold]layers[/]\n  {len(widths)} cross-attention layers, widths {min(widths)}-{max(widths)}, "
+                  f"{sum(widths)} outputs each for K and V")
     for c in record["concepts"]:
         g = c["gate"]
-        out.print(f"[bold]concept {c['name']}[/]\n  supercategory {c['supercategory']}\n"
-                  f"  gate defaults: bias {g['beta']}  temperature {g['tau']}")
+        knob = (f"  gate defaults: bias {g['beta']}  temperature {g['tau']}" if g else
+                f"  method {c['method']} (a baseline: no gate; docs/methods.md)")
+        out.print(f"[bold]concept {c['name']}[/]\n  supercategory {c['supercategory']}\n{knob}")
         t = c["training"]
         if t:
-            keys = ("steps", "batch_size", "grad_accum", "lr_embedding", "lr_value", "train_beta", "train_tau",
-                    "mask", "flip", "seed", "final_loss")
+            keys = ("method", "steps", "batch_size", "grad_accum", "lr", "lr_embedding", "lr_value", "rank",
+                    "prior_weight", "prior_images", "train_beta", "train_tau", "mask", "flip", "seed", "final_loss")
             out.print("  training: " + ", ".join(f"{k} {t[k]}" for k in keys if k in t))
             if t.get("images"):
                 out.print(f"  images: {', '.join(t['images'])}")
@@ -151,6 +154,8 @@ def combine(
             if cs is None:
                 fail(f"--bias/--temperature names {m!r}, which is not among {', '.join(names)}")
             c = cs.concepts[0]
+            if not c.is_perfusion:
+                fail(f"{m!r} is a {c.method} concept: combine joins Perfusion concepts only")
             gates[m] = Gate(n_beta.get(m, c.tensors.beta), n_tau.get(m, c.tensors.tau))
     cs, entry, nbytes = api.combine(names, name, exact=not approximate, gates=gates, dry_run=dry_run, force=force)
     record = {"name": name, "members": [{"name": c.name, "supercategory": c.supercategory,

@@ -79,6 +79,8 @@ def render(
         if c is None:
             fail(f"--bias/--temperature name {name!r}, which no prompt uses (prompts use: "
                  f"{', '.join(res.concepts) or 'no concept'})")
+        if not c.is_perfusion:
+            fail(f"--bias/--temperature {name!r}: a {c.method} concept has no gate (Perfusion concepts only)")
         gates[name] = Gate(
             n_beta.get(name, g_beta if g_beta is not None else c.tensors.beta),
             n_tau.get(name, g_tau if g_tau is not None else c.tensors.tau),

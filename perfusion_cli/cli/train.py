@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from . import app
-from .common import device_option, emit_json, event, guarded, model_option, progress_bar, say
+from .common import device_option, emit_json, event, fail, guarded, model_option, progress_bar, say
 
 
 @app.command()
@@ -39,6 +39,9 @@ def train(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing concept of that name."),
     fp32: bool = typer.Option(False, "--fp32", help="Store the concept in fp32 (default fp16)."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON record instead of the path."),
+    method: str = typer.Option("perfusion", "--method", help="perfusion, or a baseline to compare with: ti, "
+                               "dreambooth, lora, custom-diffusion (their usual recipes; docs/methods.md)."),
+    lr: float = typer.Option(None, "--lr", help="Baselines: learning rate of the trained weights [the method's recipe]."),
 ):
     """Learn a concept from photos and store it in the registry."""
     from .. import api, models
@@ -56,6 +59,21 @@ def train(
         checkpoint_every=checkpoint_every, validate_every=validate_every, templates=list(template or []),
         gradient_checkpointing=low_memory,
     )
+    method = method.strip().lower()
+    method_config = None
+    if method != "perfusion":
+        from .. import methods
+
+        if method not in methods.BASELINES:
+            fail(f"unknown --method {method!r}; choose one of: {', '.join(methods.METHODS)}")
+        if resume or mask != "none" or low_memory:
+            fail(f"--resume, --mask and --low-memory are Perfusion options; --method {method} does not take them")
+        over = {k: v for k, v in (("steps", steps), ("lr", lr)) if v is not None}
+        if batch_size is not None:
+            over["batch_size"] = batch_size
+        method_config = methods.recipe(method, seed=seed, templates=list(template or []), **over)
+    elif lr is not None:
+        fail("--lr is for baselines; Perfusion takes --lr-embedding and --lr-value")
     with progress_bar() as bar:
         tasks = []  # the bar appears with the first step, not before an early error
 
@@ -67,6 +85,7 @@ def train(
         entry = api.train(
             images, name=name, supercategory=super_, model=model, device=device_option(device), dtype=dtype,
             config=cfg, force=force, fp32=fp32, resume=resume, progress=on_progress, on_event=event,
+            method=method, method_config=method_config,
         )
     say(f"learned {name!r} ({entry.size / 1024:.1f} KB)")
     if json_out:

@@ -1,8 +1,9 @@
 """Train the toy-world evaluators' perceiver and write toyworld-perceiver.safetensors next to this file.
 
-    python registry/evaluators/train_toyworld_perceiver.py [--steps N] [--seed S] [--out PATH]
+    python registry/evaluators/train_toyworld_perceiver.py [--dense-steps N] [--crop-steps N] [--n-train N]
+        [--seed S] [--out PATH]
 
-Deterministic for a given seed, torch version and thread count (CPU): about a minute on two cores.
+Deterministic for a given seed, torch version and thread count (CPU): about 205 s on two cores.
 See perfusion_cli/toyworld/evaluate.py (train_perceiver) and docs/toyworld-evaluators.md.
 """
 
@@ -17,11 +18,16 @@ from perfusion_cli.toyworld import evaluate
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default: train_perceiver's)")
+    ap.add_argument("--dense-steps", type=int, default=None, help="dense-network steps (default: train_perceiver's)")
+    ap.add_argument("--crop-steps", type=int, default=None, help="crop-network steps (default: train_perceiver's)")
+    ap.add_argument("--n-train", type=int, default=None, help="training renders (default: train_perceiver's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / evaluate.WEIGHTS_NAME)
     args = ap.parse_args()
-    kw = {"seed": args.seed} | ({"steps": args.steps} if args.steps else {})
+    kw = {"seed": args.seed}
+    for name in ("dense_steps", "crop_steps", "n_train"):
+        if getattr(args, name):
+            kw[name] = getattr(args, name)
     t = time.perf_counter()
     state, meta = evaluate.train_perceiver(**kw)
     path = evaluate.save_weights(state, meta, args.out)

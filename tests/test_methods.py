@@ -1,0 +1,144 @@
+"""The baselines (methods.py) on the toy model: each trains (a few steps), round-trips through a concept file,
+changes renders when applied, and leaves the pipeline bit-identical when removed. Not a quality test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from perfusion_cli import concept as concept_io
+from perfusion_cli import methods
+from perfusion_cli.concept import ConceptSet
+from perfusion_cli.errors import PerfusionError
+from perfusion_cli.images import load_photos
+from perfusion_cli.rendering import Applied
+
+
+def _render(call, prompt):
+    out = call(prompt, height=64, width=64, num_inference_steps=2, guidance_scale=4.0,
+               generator=torch.Generator().manual_seed(0), output_type="np")
+    return out.images[0]
+
+
+@pytest.fixture(scope="module")
+def trained(toy_base, tmp_path_factory):
+    from conftest import draw_photos
+
+    photos = load_photos(draw_photos(tmp_path_factory.mktemp("m") / "photos"), toy_base.resolution)
+    out = {}
+    for m in methods.BASELINES:
+        cfg = methods.recipe(m, steps=2, batch_size=2, prior_images=2, prior_steps=2)
+        out[m] = methods.train_baseline(toy_base, "mything", "house", photos, cfg)
+    return out
+
+
+def test_recipes_are_documented_and_checked():
+    assert methods.recipe("lora").rank == 4 and methods.recipe("dreambooth").prior_weight == 1.0
+    assert methods.recipe("ti").lr_embedding > 0 and methods.recipe("lora").lr_embedding == 0
+    with pytest.raises(PerfusionError, match="unknown method"):
+        methods.recipe("hypernetwork")
+
+
+def test_each_method_stores_what_it_trains(trained, toy_base):
+    unet = toy_base.pipe.unet
+    kv = methods.kv_modules(unet)
+    lora = methods.lora_modules(unet)
+    assert set(trained["ti"].weights) == set()
+    assert {k.split(":", 1)[1] for k in trained["custom-diffusion"].weights} == set(kv)
+    assert {k.split(":", 1)[1] for k in trained["lora"].weights} == set(lora)
+    assert all(w.shape[0] == 4 for k, w in trained["lora"].weights.items() if k.startswith("lora_down:"))
+    assert len(trained["dreambooth"].weights) == len(list(unet.parameters()))
+    for m, c in trained.items():
+        assert c.method == m and c.tensors is None and len(c.embeddings) == 1
+        assert np.isfinite(c.training["final_loss"])
+    # the embedding moves only where the method trains it
+    sup = toy_base.pipe.text_encoder.get_input_embeddings().weight[
+        toy_base.pipe.tokenizer("house", add_special_tokens=False).input_ids[0]].float()
+    assert not torch.equal(trained["ti"].embeddings[0], sup)
+    assert not torch.equal(trained["lora"].embeddings[0], sup)  # the fixed identifier, not the supercategory
+    torch.testing.assert_close(trained["lora"].embeddings[0], trained["dreambooth"].embeddings[0])
+    # DreamBooth restored the loaded model's weights after training
+    assert any(w.abs().max() > 0 for w in trained["dreambooth"].weights.values())
+
+
+@pytest.mark.parametrize("method", methods.BASELINES)
+def test_file_round_trip_apply_and_exact_removal(trained, toy_base, method, tmp_path):
+    c = trained[method]
+    cs = ConceptSet(name="mything", concepts=[c], base_model={"id": toy_base.id}, covariance={})
+    path = tmp_path / "mything.safetensors"
+    path.write_bytes(concept_io.to_bytes(cs, torch.float32))
+    back = concept_io.load(path).concepts[0]
+    assert back.method == method and back.tensors is None and back.weights.keys() == c.weights.keys()
+    for k in c.weights:
+        torch.testing.assert_close(back.weights[k], c.weights[k])
+    meta = concept_io.read_metadata(path)
+    assert meta["concepts"][0]["method"] == method and meta["layers"] == []
+
+    pipe = toy_base.pipe
+    state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    plain = _render(pipe, "a house on grass")
+    with Applied(pipe, [back], None) as applied:
+        edited = _render(applied, "a mything on grass")
+    assert not np.array_equal(plain, edited)
+    assert np.array_equal(_render(pipe, "a house on grass"), plain)
+    after = pipe.unet.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+    assert not any("forward" in m.__dict__ for m in pipe.unet.modules())
+
+
+def test_lora_scale_zero_is_the_identifier_alone(trained, toy_base):
+    c = trained["lora"]
+    pipe = toy_base.pipe
+    with Applied(pipe, [c], None, scales={"mything": 0.0}) as a0:
+        zero = _render(a0, "a mything on grass")
+    from perfusion_cli.concept import Concept
+
+    emb_only = Concept(name="mything", supercategory="house", tensors=None, embeddings=c.embeddings, method="ti")
+    with Applied(pipe, [emb_only], None) as a:
+        ident = _render(a, "a mything on grass")
+    np.testing.assert_allclose(zero, ident, atol=1e-5)
+
+
+def test_weights_for_another_unet_are_refused(trained, toy_base):
+    bad = {"delta:no.such.module": torch.zeros(2, 2)}
+    with pytest.raises(PerfusionError, match="lacks"):
+        methods.apply_weights(toy_base.pipe.unet, "custom-diffusion", bad)
+    assert not any("forward" in m.__dict__ for m in toy_base.pipe.unet.modules())
+    with pytest.raises(PerfusionError, match="another base model"):
+        methods.apply_weights(toy_base.pipe.unet, "dreambooth", {"unet:conv_in.weight": torch.zeros(1)})
+
+
+def test_cli_trains_lists_inspects_and_renders_a_baseline(photos, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from perfusion_cli.cli import app
+
+    run = lambda *a: CliRunner().invoke(app, list(a))
+    r = run("train", str(photos), "--super", "house", "--name", "myhouse", "--model", "toyworld", "--method", "lora",
+            "--steps", "2", "--batch-size", "2", "--json")
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.stdout)
+    assert rec["metadata"]["concepts"][0]["method"] == "lora"
+    info = json.loads(run("inspect", "myhouse", "--json").stdout)
+    assert info["concepts"][0]["method"] == "lora" and info["concepts"][0]["gate"] is None
+    assert info["concepts"][0]["training"]["rank"] == 4 and info["layers"] == []
+    out = tmp_path / "r"
+    r = run("render", "a myhouse on grass", "-n", "1", "--seed", "1", "--steps", "2", "-o", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    used = json.loads(r.stdout)[0]["concepts"][0]
+    assert used["method"] == "lora" and used["beta"] is None
+    for args, msg in (
+        (["render", "a myhouse on grass", "--bias", "myhouse=0.5", "-o", str(out)], "has no gate"),
+        (["combine", "myhouse", "myhouse", "--name", "two"], ""),
+        (["train", str(photos), "--super", "house", "--name", "other", "--model", "toyworld", "--method", "hyper"],
+         "unknown --method"),
+        (["train", str(photos), "--super", "house", "--name", "other", "--model", "toyworld", "--method", "ti",
+          "--mask", "attention"], "Perfusion options"),
+        (["train", str(photos), "--super", "house", "--name", "other", "--model", "toyworld", "--lr", "0.1"],
+         "--lr is for baselines"),
+    ):
+        bad = run(*args)
+        assert bad.exit_code != 0 and msg in bad.stderr and "Traceback" not in bad.output, (args, bad.output)
