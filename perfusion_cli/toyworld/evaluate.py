@@ -517,8 +517,8 @@ def _fit_pattern(tex: list[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
     return {"weight": lin.weight.detach().clone(), "bias": lin.bias.detach().clone(), "mu": mu, "sd": sd}
 
 
-def train_perceiver(dense_steps: int = 1600, crop_steps: int = 1000, batch: int = 32, crop_batch: int = 64,
-                    n_train: int = 5000, n_pred: int = 2000, seed: int = 0,
+def train_perceiver(dense_steps: int = 3200, crop_steps: int = 2000, batch: int = 32, crop_batch: int = 64,
+                    n_train: int = 10000, n_pred: int = 2000, seed: int = 0,
                     lr: float = 1e-2) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Train both perceiver networks from scratch on CPU; deterministic in seed (same torch version and
     thread count). Returns (state dict with "dense." and "crop." keys, metadata)."""
