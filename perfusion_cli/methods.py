@@ -196,8 +196,11 @@ def identifier_embedding(tokenizer, encoder, seed: int = 0) -> Tensor:
 
 
 def train_baseline(base, name: str, supercategory: str, photos, cfg: MethodConfig,
-                   progress: Callable | None = None, on_event: Callable[[str], None] | None = None):
-    """Train one baseline concept on a loaded base model; returns a concept.Concept (method, weights)."""
+                   progress: Callable | None = None, on_event: Callable[[str], None] | None = None,
+                   snapshots: tuple[int, ...] = (), on_snapshot: Callable | None = None):
+    """Train one baseline concept on a loaded base model; returns a concept.Concept (method, weights).
+    snapshots: steps at which on_snapshot(step, concept) receives the concept as it is then (the
+    "number of steps" knob of the quality benchmark, from one run)."""
     from .concept import Concept, now
     from .text import EmbeddingOverride, encode, rewrite, text_stack, word_ids
     from .training import DEFAULT_TEMPLATES, Progress, TrainConfig, Trainer
@@ -248,6 +251,24 @@ def train_baseline(base, name: str, supercategory: str, photos, cfg: MethodConfi
         say(f"prior preservation: rendering {cfg.prior_images} images of 'a {supercategory}' with the base model")
         prior_lat = _prior_latents(base, supercategory, cfg)
 
+    def _concept(step: int, loss_value: float):
+        """The concept as trained so far (copies: training may go on)."""
+        weights: dict[str, Tensor] = {}
+        for k, (d, u) in lora.items():
+            weights[f"lora_down:{k}"] = d.detach().float().cpu().clone()
+            weights[f"lora_up:{k}"] = u.detach().float().cpu().clone()
+        for k, d in deltas.items():
+            weights[f"delta:{k}"] = d.detach().float().cpu().clone()
+        for k, p in dreambooth_params.items():
+            weights[f"unet:{k}"] = (p.detach().float() - original[k].float()).cpu()
+        return Concept(
+            name=name, supercategory=supercategory, tensors=None,
+            embeddings=[e.detach().float().cpu().clone() for e in embeddings],
+            training={**cfg.to_dict(), "steps_done": step, "templates": templates,
+                      "images": [p.name for p in photos.paths], "final_loss": loss_value},
+            created=now(), method=cfg.method, weights=weights,
+        )
+
     opt = torch.optim.AdamW(params, weight_decay=0.0 if cfg.method != "dreambooth" else 1e-2)
     override = EmbeddingOverride(pipe)
     applied = None
@@ -293,6 +314,14 @@ def train_baseline(base, name: str, supercategory: str, photos, cfg: MethodConfi
                 raise PerfusionError(f"{cfg.method} training diverged at step {step}; lower its learning rate")
             if progress:
                 progress(Progress(step, cfg.steps, loss_value))
+            if on_snapshot and step in snapshots and step != cfg.steps:
+                on_snapshot(step, _concept(step, loss_value))
+    except BaseException:
+        if cfg.method == "dreambooth":   # never leave the loaded model half fine-tuned
+            with torch.no_grad():
+                for k, p in dreambooth_params.items():
+                    p.copy_(original[k])
+        raise
     finally:
         override.remove()
         if applied is not None:
@@ -301,25 +330,12 @@ def train_baseline(base, name: str, supercategory: str, photos, cfg: MethodConfi
             unet.requires_grad_(False)
             unet.eval()
 
-    weights: dict[str, Tensor] = {}
-    if lora:
-        for k, (d, u) in lora.items():
-            weights[f"lora_down:{k}"] = d.detach().float().cpu()
-            weights[f"lora_up:{k}"] = u.detach().float().cpu()
-    for k, d in deltas.items():
-        weights[f"delta:{k}"] = d.detach().float().cpu()
+    concept = _concept(cfg.steps, loss_value)
     if cfg.method == "dreambooth":
         with torch.no_grad():
             for k, p in dreambooth_params.items():
-                weights[f"unet:{k}"] = (p.detach().float() - original[k].float()).cpu()
                 p.copy_(original[k])   # the loaded base model is left as it was
-    return Concept(
-        name=name, supercategory=supercategory, tensors=None,
-        embeddings=[e.detach().float().cpu().clone() for e in embeddings],
-        training={**cfg.to_dict(), "templates": templates, "images": [p.name for p in photos.paths],
-                  "final_loss": loss_value},
-        created=now(), method=cfg.method, weights=weights,
-    )
+    return concept
 
 
 @torch.no_grad()

@@ -142,3 +142,27 @@ def test_cli_trains_lists_inspects_and_renders_a_baseline(photos, tmp_path):
     ):
         bad = run(*args)
         assert bad.exit_code != 0 and msg in bad.stderr and "Traceback" not in bad.output, (args, bad.output)
+
+
+def test_snapshots_and_an_interrupted_dreambooth_leaves_the_model_as_it_was(toy_base, photos):
+    photo_set = load_photos(photos, toy_base.resolution)
+    seen = {}
+    cfg = methods.recipe("ti", steps=3, batch_size=2)
+    final = methods.train_baseline(toy_base, "mything", "house", photo_set, cfg, snapshots=(1, 2),
+                                   on_snapshot=lambda step, c: seen.__setitem__(step, c))
+    assert sorted(seen) == [1, 2] and seen[1].training["steps_done"] == 1 and final.training["steps_done"] == 3
+    assert not torch.equal(seen[1].embeddings[0], final.embeddings[0])
+
+    state = {k: v.clone() for k, v in toy_base.pipe.unet.state_dict().items()}
+
+    def stop(p):
+        if p.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        methods.train_baseline(toy_base, "mything", "house", photo_set,
+                               methods.recipe("dreambooth", steps=3, batch_size=2, prior_images=0, lr=1e-3),
+                               progress=stop)
+    after = toy_base.pipe.unet.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+    assert not any(p.requires_grad for p in toy_base.pipe.unet.parameters())

@@ -61,3 +61,48 @@ def speed(
     else:
         typer.echo(str(md))
         typer.echo(str(js))
+
+
+@bench_app.command("quality")
+@guarded
+def quality(
+    instances: str = typer.Option("reporting", "--instances", help="reporting, development, or instance names (comma-separated)."),
+    methods: str = typer.Option(",".join(("perfusion", "ti", "dreambooth", "lora", "custom-diffusion")), "--methods", help="Methods to compare (comma-separated)."),
+    steps: int = typer.Option(400, "--steps", help="Training steps of every method."),
+    seeds: int = typer.Option(2, "--seeds", help="Images per prompt and knob value."),
+    quick: bool = typer.Option(False, "--quick", help="One instance, tiny settings (CI: keeps the code path alive; the numbers mean nothing)."),
+    out: Path = typer.Option(Path("docs/benchmarks"), "-o", "--out", help="Folder for quality.md / .json / .png (quality-quick.* with --quick)."),
+    device: str = typer.Option("cpu", "--device", help="cpu (the toy world is sized for it), auto, cuda or mps."),
+    json_out: bool = typer.Option(False, "--json", help="Print the JSON report on stdout instead of the paths."),
+):
+    """Perfusion against TI, DreamBooth, LoRA and Custom Diffusion on the toy world: fidelity vs alignment."""
+    from ..bench.quality import QualityConfig, run_quality, write_reports
+
+    names = tuple(n.strip() for n in instances.split(",") if n.strip())
+    spec = names[0] if len(names) == 1 and names[0] in ("reporting", "development", "dev") else names
+    meths = tuple(m.strip().lower() for m in methods.split(",") if m.strip())
+    if quick:
+        over = {"methods": meths, "device": device}
+        if instances != "reporting":
+            over["instances"] = spec
+        cfg = QualityConfig.quick_config(**over)
+    else:
+        cfg = QualityConfig(instances=spec, methods=meths, steps=steps, seeds=seeds, device=device)
+    with progress_bar() as bar:
+        tasks: dict[str, int] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total, info="")
+            bar.update(tasks[stage], completed=done, total=total)
+
+        report = run_quality(cfg, progress=on_progress, on_event=event)
+    paths = write_reports(report, out)
+    for m, r in report["claim_perfusion_at_or_above"].items():
+        share = "n/a" if r["share"] is None else f"{r['share']:.0%}"
+        say(f"Perfusion at or above {m} at {r['at_or_above']} of {r['matched']} matched points ({share})")
+    if json_out:
+        emit_json({"written": [str(p) for p in paths], **report})
+    else:
+        for p in paths:
+            typer.echo(str(p))
