@@ -22,12 +22,10 @@ place (DreamBooth); `AppliedWeights.remove()` restores the UNet bit for bit in b
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import PerfusionError
@@ -203,10 +201,13 @@ def train_baseline(base, name: str, supercategory: str, photos, cfg: MethodConfi
     "number of steps" knob of the quality benchmark, from one run)."""
     from .concept import Concept, now
     from .text import EmbeddingOverride, encode, rewrite, text_stack, word_ids
-    from .training import DEFAULT_TEMPLATES, Progress, TrainConfig, Trainer
+    from .training import Progress, TrainConfig, Trainer
 
     say = on_event or (lambda m: None)
     pipe, unet, device = base.pipe, base.pipe.unet, base.device
+    if cfg.method == "dreambooth" and unet.dtype != torch.float32:
+        raise PerfusionError("DreamBooth trains the UNet's own weights, which need float32 here: load the model "
+                             "with --dtype fp32")
     # the data pipeline of Perfusion's trainer: cached latents (both flips), templates, batches
     shared = Trainer(base, name, supercategory, torch.eye(1),
                      TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=1, seed=cfg.seed,
@@ -217,7 +218,6 @@ def train_baseline(base, name: str, supercategory: str, photos, cfg: MethodConfi
     stack = text_stack(pipe)
     torch.manual_seed(cfg.seed)
     rng = torch.Generator().manual_seed(cfg.seed)
-    py_rng = random.Random(cfg.seed)
 
     trains_embedding = cfg.method in ("ti", "custom-diffusion")
     if trains_embedding:   # initialised from the supercategory word, as Perfusion's
