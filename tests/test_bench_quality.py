@@ -59,3 +59,14 @@ def test_quick_run_writes_report_plot_and_json(tmp_path):
     assert "Perfusion at or above ti" in r.stderr
     bad = CliRunner().invoke(app, ["bench", "quality", "--quick", "--methods", "perfusion,hyper", "-o", str(out)])
     assert bad.exit_code != 0 and "unknown method" in bad.stderr and "Traceback" not in bad.output
+
+
+def test_pareto_counts_points_beaten_on_both_axes():
+    from perfusion_cli.bench.quality import pareto
+
+    perf = [{"alignment": 0.6, "fidelity": 0.6}, {"alignment": 0.7, "fidelity": 0.4}]
+    other = [{"alignment": 0.65, "fidelity": 0.65},   # beats perfusion's first point
+             {"alignment": 0.5, "fidelity": 0.3}]     # beaten by both of perfusion's
+    r = pareto(perf, other)
+    assert (r["other_beaten"], r["other_points"], r["perfusion_beaten"], r["perfusion_points"]) == (1, 2, 1, 2)
+    assert pareto(perf, perf)["other_beaten"] == 0   # a point does not beat itself
