@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from . import app
-from .common import device_option, emit_json, event, guarded, progress_bar, say
+from .common import device_option, emit_json, event, guarded, progress_bar, say, stage_progress
 
 bench_app = typer.Typer(
     help="Benchmarks (not tests): measure what Perfusion costs and write a report.",
@@ -44,13 +44,7 @@ def speed(
         threads=threads, full=full, full_steps=full_steps, low_memory=low_memory,
     )
     with progress_bar() as bar:
-        tasks: dict[str, int] = {}
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total, info="")
-            bar.update(tasks[stage], completed=done, total=total)
-
+        on_progress = stage_progress(bar)
         result = run_speed(config, progress=on_progress, on_event=event)
     md, js = write_reports(result, out)
     tr, rd = result.training, result.rendering["variants"]
@@ -89,13 +83,7 @@ def quality(
     else:
         cfg = QualityConfig(instances=spec, methods=meths, steps=steps, seeds=seeds, device=device)
     with progress_bar() as bar:
-        tasks: dict[str, int] = {}
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total, info="")
-            bar.update(tasks[stage], completed=done, total=total)
-
+        on_progress = stage_progress(bar)
         report = run_quality(cfg, progress=on_progress, on_event=event)
     paths = write_reports(report, out)
     for m, r in report["claim_perfusion_at_or_above"].items():

@@ -80,6 +80,19 @@ def progress_bar(transient: bool = False) -> Progress:
     )
 
 
+def stage_progress(bar: Progress):
+    """A (stage, done, total) progress callback for library code that reports several stages: each stage
+    gets its own line in `bar`."""
+    tasks: dict[str, int] = {}
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total, info="")
+        bar.update(tasks[stage], completed=done, total=total)
+
+    return on_progress
+
+
 def parse_named(values: list[str] | None, label: str, lo: float, hi: float, lo_open: bool = False):
     """['0.7', 'mycat=0.6'] -> (global value or None, {name: value}); range-checked."""
     glob, named = None, {}

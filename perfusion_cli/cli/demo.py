@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from . import app
-from .common import device_option, emit_json, event, guarded, parse_named, progress_bar, say
+from .common import device_option, emit_json, event, guarded, parse_named, progress_bar, say, stage_progress
 
 
 @app.command()
@@ -44,13 +44,7 @@ def demo(
                      biases=tuple(biases) or DemoConfig.biases, prompts=tuple(prompt or DEFAULT_PROMPTS),
                      seeds=seeds, seed=seed, device=dev)
     with progress_bar() as bar:
-        tasks: dict[str, int] = {}
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total, info="")
-            bar.update(tasks[stage], completed=done, total=total)
-
+        on_progress = stage_progress(bar)
         result = run_demo(out, cfg, progress=on_progress, on_event=event, keep=Registry() if keep else None,
                           force=force)
     if json_out:
