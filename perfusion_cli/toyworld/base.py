@@ -364,9 +364,7 @@ class DeviceBatches:
         self.fresh = self.replayed = 0
 
     def _put(self, images: np.ndarray, captions: list[str]):
-        x = torch.from_numpy(np.ascontiguousarray(images))
-        x = x.pin_memory().to(self.device, non_blocking=True) if torch.device(self.device).type == "cuda" \
-            else x.to(self.device)
+        x = _to_device(images, self.device)
         ids = None
         if self.tokenizer is not None:
             ids = self.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,
@@ -456,13 +454,17 @@ def striped_cars(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return images, masks
 
 
-def _to_tensor(images: np.ndarray, device) -> torch.Tensor:
+def _to_device(images: np.ndarray, device) -> torch.Tensor:
+    """uint8 images (B,H,W,3) on the device as they are (pinned, asynchronous copy to a GPU)."""
     x = torch.from_numpy(np.ascontiguousarray(images))
     if torch.device(device).type == "cuda":
-        x = x.pin_memory().to(device, non_blocking=True)
-    else:
-        x = x.to(device)
-    return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def _to_tensor(images: np.ndarray, device) -> torch.Tensor:
+    """uint8 images (B,H,W,3) -> float (B,3,H,W) in [-1, 1] on the device."""
+    return as_float(_to_device(images, device))
 
 
 @torch.no_grad()
