@@ -236,6 +236,8 @@ def load(
     if getattr(pipe, "unet", None) is None or getattr(pipe, "text_encoder", None) is None:
         raise ModelError(f"model {model!r} has no UNet/text encoder; perfusion needs a Stable Diffusion-style pipeline")
     pipe.to(dev)
+    if dev.type == "cuda":
+        use_channels_last(pipe)
     pipe.set_progress_bar_config(disable=True)
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # renders of personal concepts trip it often; the user is the judge
@@ -244,6 +246,22 @@ def load(
     if scheduler:
         set_sampler(pipe, scheduler)
     return BaseModel(pipe=pipe, id=model_id, profile=prof, device=dev, dtype=dt)
+
+
+def use_channels_last(pipe, enabled: bool = True) -> None:
+    """The UNet's convolution weights in channels-last (NHWC) memory format, or back to the default.
+
+    cuDNN's fast convolution kernels on CUDA work in NHWC; with NCHW weights every convolution pays for
+    layout transposes. Values are unchanged (a layout, not a cast) and Linear layers (to_k/to_v, which
+    Perfusion edits) are 2-D, so unaffected. `load` does this on CUDA; `perfusion bench speed` times the
+    floor step both ways to show what it buys.
+    """
+    pipe.unet.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+
+
+def is_channels_last(pipe) -> bool:
+    w = pipe.unet.conv_in.weight
+    return w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
 
 
 def _dtype_kwarg(dt: torch.dtype) -> dict:

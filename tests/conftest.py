@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
+from perfusion_cli.toyworld.base import bundled_model_dir
+
 REPO = Path(__file__).resolve().parents[1]
-TOY_MODEL = REPO / "registry" / "models" / "toyworld-v1"
+TOY_MODEL = bundled_model_dir()   # the folder `--model toyworld` resolves to
 SHARED = REPO.parent / "shared"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach for the network

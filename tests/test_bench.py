@@ -186,3 +186,36 @@ def test_sd15_scale_is_sd15s_architecture():
     assert count(text) == 123_060_480  # CLIP ViT-L/14's text tower at CLIP's vocabulary
     widths = P.layer_widths(unet)
     assert len(widths) == 16 and {w for _, w in widths} == {320, 640, 1280}
+
+
+def test_channels_last_floor_is_timed_both_ways(tmp_path, monkeypatch):
+    """On CUDA the UNet runs channels-last (models.load); the bench then also times the floor in NCHW so the
+    report shows what the layout buys. Forced here on the CPU (the layout exists there too)."""
+    from perfusion_cli import models
+    from perfusion_cli.bench import speed
+
+    monkeypatch.setenv("PERFUSION_HOME", str(tmp_path))
+    real_load = speed._load
+
+    def load_channels_last(*a, **k):
+        base = real_load(*a, **k)
+        assert not models.is_channels_last(base.pipe)   # the CPU default is NCHW
+        models.use_channels_last(base.pipe)
+        assert models.is_channels_last(base.pipe)
+        return base
+
+    monkeypatch.setattr(speed, "_load", load_channels_last)
+    cfg = dict(MINIMAL, full=False, render_steps=1, repeats=2, train_steps=2)
+    result = run_speed(SpeedConfig(**cfg))
+    tr = result.to_dict()["training"]
+    assert tr["channels_last"] is True
+    assert tr["floor_nchw"]["n"] == 4 and tr["floor_nchw"]["median_s"] > 0
+    assert "channels-last makes the floor" in markdown(result)
+    # the layout changes no value: the same floor-step loss either way
+    base = real_load("toy", "cpu", "fp32", 0)
+    floor = speed.floor_step(base, ["a cat"], 2, seed=0)
+    a = floor()
+    floor = speed.floor_step(base, ["a cat"], 2, seed=0)
+    models.use_channels_last(base.pipe)
+    b = floor()
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -16,7 +16,6 @@ Everything is float32 on CPU. Call :func:`tiny_pipeline`.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from diffusers import (
@@ -28,6 +27,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from perfusion_cli.toyworld.base import tokenizer_dir
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -35,7 +35,7 @@ from transformers import (
     CLIPTokenizer,
 )
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "registry" / "models" / "toyworld-v1" / "tokenizer"
+TOKENIZER_DIR = tokenizer_dir()   # the bundled toy model's (whichever version ships)
 
 KINDS = ("sd1", "sd2", "sdxl")
 

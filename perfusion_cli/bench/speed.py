@@ -428,12 +428,11 @@ def build_sd15(device: str = "auto", dtype: str = "auto", seed: int = 0) -> mode
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from ..registry import bundled_dir
+    from ..toyworld.base import tokenizer_dir
 
     dev = models.pick_device(device)
     dt = models.pick_dtype(dtype, dev)
-    tok = CLIPTokenizer.from_pretrained(str(bundled_dir() / "models" / "toyworld-v1" / "tokenizer"),
-                                        model_max_length=77)
+    tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir()), model_max_length=77)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -450,6 +449,8 @@ def build_sd15(device: str = "auto", dtype: str = "auto", seed: int = 0) -> mode
         vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=DDIMScheduler(**SD_SCHEDULER),
         safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
     )
+    if dev.type == "cuda":
+        models.use_channels_last(pipe)   # as models.load does on CUDA
     pipe.set_progress_bar_config(disable=True)
     sd15 = models.find_profile("sd15")
     profile = dataclasses.replace(
@@ -602,6 +603,8 @@ def _bench_training(base, C_inv, cfg: SpeedConfig, mem: PeakMemory, sync, tick) 
                        validate_every=0, mask="none", seed=cfg.seed)
     steps, floors, setups, train_mem, floor_mem, paired = [], [], [], [], [], []
     concept, floor, autocast, templates = None, None, None, None
+    channels_last = models.is_channels_last(base.pipe)
+    floors_nchw: list[float] = []
     for _ in range(cfg.repeats):
         trainer = Trainer(base, TRAIN_NAME, TRAIN_SUPER, C_inv, tcfg)
         autocast, templates = trainer.autocast, trainer.templates
@@ -636,6 +639,18 @@ def _bench_training(base, C_inv, cfg: SpeedConfig, mem: PeakMemory, sync, tick) 
             tick()
         floor_mem.append(mem.read())
         floors += round_floors
+        if channels_last:
+            # the same floor with the UNet in the default NCHW layout: what models.use_channels_last buys
+            models.use_channels_last(base.pipe, False)
+            try:
+                for k in range(cfg.warmup + cfg.train_steps):
+                    t = time.perf_counter()
+                    floor()
+                    sync()
+                    if k >= cfg.warmup:
+                        floors_nchw.append(time.perf_counter() - t)
+            finally:
+                models.use_channels_last(base.pipe, True)
         paired.append(statistics.median(round_steps) / statistics.median(round_floors))
     step_t, floor_t = Timing(steps), Timing(floors)
     setup = max(0.0, statistics.median(setups) - step_t.median)
@@ -663,6 +678,9 @@ def _bench_training(base, C_inv, cfg: SpeedConfig, mem: PeakMemory, sync, tick) 
         "goal": GOAL_TRAIN,
         "meets_goal": step_t.median / floor_t.median <= GOAL_TRAIN,
         "peak_memory": {"step": _max_peak(train_mem), "floor": _max_peak(floor_mem)},
+        "channels_last": channels_last,
+        # the floor step with the UNet in NCHW (only when the product uses channels-last: see models.use_channels_last)
+        "floor_nchw": Timing(floors_nchw).to_dict() if floors_nchw else None,
         "operations": ops,
         "setup_s": setup,
         "full_concept": {
@@ -1152,6 +1170,13 @@ def markdown(result: SpeedResult | dict) -> str:
     a(f"| **ratio** | **{tr['ratio']:.2f}×** | paired {tr['ratio_paired']:.2f}×, of minima "
       f"{tr['ratio_of_min']:.2f}× | |")
     a("")
+    if tr.get("floor_nchw"):
+        fn = tr["floor_nchw"]
+        a(f"Both steps run with the UNet in channels-last memory format (`models.use_channels_last`, what "
+          f"`perfusion` does on CUDA). The same floor step in the default NCHW layout: {_ms(fn['median_s'])} ms "
+          f"({_span(fn)}), so channels-last makes the floor **{fn['median_s'] / tr['floor']['median_s']:.2f}×** "
+          "faster (ratio of medians).")
+        a("")
     if tr.get("operations"):
         o = tr["operations"]
         a(f"Tensor operations per step (ATen calls, forward and backward, views included; on a GPU the non-view "

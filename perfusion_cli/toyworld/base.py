@@ -211,10 +211,17 @@ ProgressFn = Callable[[Progress], None]
 # ------------------------------------------------------------------------------------------------
 
 
-def tokenizer_dir() -> Path:
+def bundled_model_dir() -> Path:
+    """The bundled toy base model's folder (`--model toyworld`: the profile's path, whichever version ships)."""
+    from .. import models
     from ..registry import bundled_dir
 
-    return bundled_dir() / "models" / "toyworld-v1" / "tokenizer"
+    return bundled_dir() / models.find_profile("toyworld").path
+
+
+def tokenizer_dir() -> Path:
+    """The toy CLIP BPE tokenizer: every toy base model, and the SD 1.5-shaped benchmark model, use it."""
+    return bundled_model_dir() / "tokenizer"
 
 
 def load_tokenizer(max_length: int = 32):
