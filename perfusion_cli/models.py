@@ -236,8 +236,6 @@ def load(
     if getattr(pipe, "unet", None) is None or getattr(pipe, "text_encoder", None) is None:
         raise ModelError(f"model {model!r} has no UNet/text encoder; perfusion needs a Stable Diffusion-style pipeline")
     pipe.to(dev)
-    if dev.type == "cuda":
-        use_channels_last(pipe)
     pipe.set_progress_bar_config(disable=True)
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # renders of personal concepts trip it often; the user is the judge
@@ -249,12 +247,13 @@ def load(
 
 
 def use_channels_last(pipe, enabled: bool = True) -> None:
-    """The UNet's convolution weights in channels-last (NHWC) memory format, or back to the default.
+    """The UNet's convolution weights in channels-last (NHWC) memory format, or back to NCHW.
 
-    cuDNN's fast convolution kernels on CUDA work in NHWC; with NCHW weights every convolution pays for
-    layout transposes. Values are unchanged (a layout, not a cast) and Linear layers (to_k/to_v, which
-    Perfusion edits) are 2-D, so unaffected. `load` does this on CUDA; `perfusion bench speed` times the
-    floor step both ways to show what it buys.
+    A layout, not a cast: values are unchanged, and Linear layers (to_k/to_v, which Perfusion edits) are
+    2-D, so unaffected. Often recommended for convolution speed on CUDA, but not used by default: on an
+    H200 the SD 1.5 floor step (bf16 autocast, batch 16) took 171 ms channels-last against 162 ms NCHW
+    (docs/benchmarks/speed-sd15-nvidia-h200.md). `perfusion bench speed` times the floor step in the
+    layout the product does not use, so a later card or library can change the decision on evidence.
     """
     pipe.unet.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
