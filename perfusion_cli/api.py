@@ -73,7 +73,7 @@ def apply(pipe, concepts: list[str | Path | Concept], gates: dict[str, Gate] | N
             )
         members.extend(cs.concepts)
     base = models.BaseModel(pipe=pipe, id="pipeline", profile=models.profile_for_text_encoder(pipe)
-                            or models._generic_profile(pipe), device=pipe.device, dtype=pipe.unet.dtype)
+                            or models.generic_profile(pipe), device=pipe.device, dtype=pipe.unet.dtype)
     C = cov_mod.for_model(base, registry).C
     return Applied(pipe, members, C, gates=gates, exact=exact, global_lock=global_lock, cache=cache)
 

@@ -240,7 +240,7 @@ def load(
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # renders of personal concepts trip it often; the user is the judge
     if prof is None:
-        prof = profile_for_text_encoder(pipe) or _generic_profile(pipe)
+        prof = profile_for_text_encoder(pipe) or generic_profile(pipe)
     if scheduler:
         set_sampler(pipe, scheduler)
     return BaseModel(pipe=pipe, id=model_id, profile=prof, device=dev, dtype=dt)
@@ -280,7 +280,9 @@ def _first(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def _generic_profile(pipe) -> Profile:
+def generic_profile(pipe) -> Profile:
+    """A profile read off a pipeline no bundled profile covers: family, resolution and nothing else
+    (models.load and api.apply use it for user-loaded pipelines)."""
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     res = int(pipe.unet.config.sample_size) * vae_scale
     family = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else (

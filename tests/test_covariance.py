@@ -35,7 +35,7 @@ def test_estimate_equals_mean_outer_product_over_real_tokens():
 
 def test_for_model_estimates_once_then_uses_the_cache(tmp_path):
     pipe = tiny_pipeline("sd2")
-    base = models.BaseModel(pipe=pipe, id="tiny", profile=models._generic_profile(pipe),
+    base = models.BaseModel(pipe=pipe, id="tiny", profile=models.generic_profile(pipe),
                             device=torch.device("cpu"), dtype=torch.float32)
     reg = Registry(tmp_path / "home")
     calls = []

@@ -756,13 +756,14 @@ def sample_sheet(truth: np.ndarray, made: np.ndarray, cols: int = 8, scale: int 
 
 
 def resolve_device(device: str) -> str:
+    """models.pick_device's choice and checks, limited to what train-base supports (cuda or cpu)."""
+    from .. import models
+
     if device in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PerfusionError("--device cuda: no CUDA GPU is available here; use --device cpu")
-    if device not in ("cpu",) and not device.startswith("cuda"):
+    if device == "mps":
         raise PerfusionError(f"device {device!r}: train-base runs on cuda or cpu")
-    return device
+    return str(models.pick_device(device))
 
 
 def cpu_has_bf16() -> bool:
