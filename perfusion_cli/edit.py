@@ -23,6 +23,9 @@ with  approximate: a_c = u_c = C⁻¹ i*_c / E_c,  b_c = W i*_c
       exact:       a_k = C⁻¹ v_k,                b_k = W v_k.
 a, u depend only on the concepts and C, so they are shared by every layer; b is one matvec per layer.
 A call then costs O(tokens × (d + m) × n) on top of W e (the "cheap form" of §2).
+
+Plain ROME (an ablation, §2): a concept whose `linear` flag is set has its gate σ((s − β)/τ) replaced by
+s(e) itself, which turns its edit into ROME's closed form W' = W + (o* − W i*)(C⁻¹ i*)ᵀ / E.
 """
 
 from __future__ import annotations
@@ -88,9 +91,13 @@ def similarity_direction(i_star: Tensor, C_inv: Tensor) -> Tensor:
     return Ci / energy(i_star, C_inv).unsqueeze(-1)
 
 
-def gate(s: Tensor, beta: Tensor | float, tau: Tensor | float) -> Tensor:
-    """σ((s − β)/τ): how much of o* replaces the removed component (§2, paper eq. 5)."""
-    return torch.sigmoid((s - beta) / tau)
+def gate(s: Tensor, beta: Tensor | float, tau: Tensor | float, linear: Tensor | None = None) -> Tensor:
+    """σ((s − β)/τ): how much of o* replaces the removed component (§2, paper eq. 5).
+
+    linear: (n,) bool, per concept (the last axis of s): use s itself instead, which makes the edit plain
+    ROME (§2; the quality benchmark's ablation of the gate). None: every concept gated."""
+    g = torch.sigmoid((s - beta) / tau)
+    return g if linear is None else torch.where(linear, s, g)
 
 
 def c_orthonormal_basis(i_stars: Tensor, C_inv: Tensor) -> Tensor:
@@ -112,14 +119,16 @@ class ConceptInputs:
     P: Tensor      # (k, d)  directions whose image W p_k gives b_k (i*_c, or v_k when exact)
     beta: Tensor   # (n,)
     tau: Tensor    # (n,)
+    linear: Tensor | None = None  # (n,) bool: concept c's gate is s_c(e) itself (plain ROME); None: all gated
 
 
 def concept_inputs(
-    i_stars: Tensor, C_inv: Tensor, betas, taus, exact: bool = True
+    i_stars: Tensor, C_inv: Tensor, betas, taus, exact: bool = True, linear=None
 ) -> ConceptInputs:
     """Precompute the parts of a (multi-)concept edit shared by all layers (§2 cheap form, §8).
 
     i_stars: (n, d). With one concept, exact and approximate are the same edit.
+    linear: per-concept booleans (or None): those concepts get ROME's s(e) instead of the gate (see gate).
     Computed in float64, returned in float32 (similarities of a 768-wide encoding against a
     C⁻¹ of condition ~4e3 lose too much in fp16).
     """
@@ -132,7 +141,10 @@ def concept_inputs(
     else:
         A, P = U, i_stars                                    # a_c = u_c,     b_c = W i*_c
     f = lambda x: torch.as_tensor(x, dtype=torch.float32, device=i_stars.device).reshape(-1)
-    return ConceptInputs(U.float(), A.float(), P.float(), f(betas), f(taus))
+    flags = None
+    if linear is not None and any(bool(x) for x in torch.as_tensor(linear).reshape(-1)):
+        flags = torch.as_tensor(linear, dtype=torch.bool, device=i_stars.device).reshape(-1)
+    return ConceptInputs(U.float(), A.float(), P.float(), f(betas), f(taus), flags)
 
 
 @dataclass
@@ -146,17 +158,18 @@ class LayerEdit:
     beta: Tensor   # (n,)
     tau: Tensor    # (n,)
     extra: dict = field(default_factory=dict)
+    linear: Tensor | None = None  # (n,) bool: plain-ROME concepts (see gate)
 
     def delta(self, e: Tensor) -> Tensor:
         """(..., d) -> (..., m), computed in float32 and returned in e's dtype."""
         x = e.to(self.A.dtype)
         removed = (x @ self.A.T) @ self.B                    # Σ_k (e·a_k) b_k
-        gates = gate(x @ self.U.T, self.beta, self.tau)      # (..., n)
+        gates = gate(x @ self.U.T, self.beta, self.tau, self.linear)  # (..., n)
         return (gates @ self.O - removed).to(e.dtype)
 
     def gates(self, e: Tensor) -> Tensor:
-        """σ((s_c(e) − β_c)/τ_c) for each concept: (..., d) -> (..., n)."""
-        return gate(e.to(self.U.dtype) @ self.U.T, self.beta, self.tau)
+        """σ((s_c(e) − β_c)/τ_c) for each concept (s_c(e) for a plain-ROME one): (..., d) -> (..., n)."""
+        return gate(e.to(self.U.dtype) @ self.U.T, self.beta, self.tau, self.linear)
 
 
 @dataclass
@@ -178,11 +191,12 @@ class StackedEdit:
     beta: Tensor   # (n,)
     tau: Tensor    # (n,)
     slices: dict = field(default_factory=dict)  # projection key -> (start, stop) in M
+    linear: Tensor | None = None                # (n,) bool: plain-ROME concepts (see gate)
 
     def delta_all(self, e: Tensor) -> Tensor:
         x = e.to(self.A.dtype)
         removed = (x @ self.A.T) @ self.B
-        gates = gate(x @ self.U.T, self.beta, self.tau)
+        gates = gate(x @ self.U.T, self.beta, self.tau, self.linear)
         return (gates @ self.O - removed).to(e.dtype)
 
 
@@ -190,7 +204,8 @@ def stacked_edit(weights: Tensor, inputs: ConceptInputs, targets: Tensor, slices
     """weights: the projections' W stacked along the output axis (M, d); targets: their o* likewise (n, M).
     Differentiable in `targets`."""
     return StackedEdit(A=inputs.A, B=inputs.P @ weights.detach().to(inputs.P.dtype).T, U=inputs.U,
-                       O=targets.to(inputs.P.dtype), beta=inputs.beta, tau=inputs.tau, slices=slices)
+                       O=targets.to(inputs.P.dtype), beta=inputs.beta, tau=inputs.tau, slices=slices,
+                       linear=inputs.linear)
 
 
 def layer_edit(weight: Tensor, inputs: ConceptInputs, targets: Tensor) -> LayerEdit:
@@ -206,4 +221,5 @@ def layer_edit(weight: Tensor, inputs: ConceptInputs, targets: Tensor) -> LayerE
         O=targets.to(inputs.P.dtype),
         beta=inputs.beta,
         tau=inputs.tau,
+        linear=inputs.linear,
     )

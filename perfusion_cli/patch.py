@@ -265,11 +265,13 @@ def apply(
     taus: list[float] | None = None,
     labels: list[str] | None = None,
     cache: bool = False,
+    linear_gates: list[bool] | None = None,
 ) -> Patch:
     """Apply one or several concepts to a UNet (§2, §8); each keeps its own β, τ.
 
     `betas`/`taus` override the concepts' stored defaults; `cache` memoises K/V across denoising
-    steps. Returns a Patch; `patch.remove()` (or a `with` block) takes the edits off again.
+    steps; `linear_gates[c]` replaces concept c's gate by s(e), i.e. plain ROME (an ablation, §2).
+    Returns a Patch; `patch.remove()` (or a `with` block) takes the edits off again.
     """
     labels = labels or [f"#{i}" for i in range(len(concepts))]
     for c, label in zip(concepts, labels):
@@ -278,7 +280,7 @@ def apply(
     betas = betas if betas is not None else [c.beta for c in concepts]
     taus = taus if taus is not None else [c.tau for c in concepts]
     i_stars = torch.stack([c.i_star.to(dev) for c in concepts])
-    inputs = concept_inputs(i_stars, C_inv, betas, taus, exact=exact)
+    inputs = concept_inputs(i_stars, C_inv, betas, taus, exact=exact, linear=linear_gates)
     patch = attach(unet, cache=cache)
     patch.edits.update(build_edits(
         unet, inputs, [c.key_targets for c in concepts], [c.value_targets for c in concepts]

@@ -29,6 +29,7 @@ from .text import EmbeddingOverride, encode, rewrite
 class Gate:
     beta: float
     tau: float
+    rome: bool = False   # replace the gate σ((s − β)/τ) by s(e): plain ROME, an ablation (PERFUSION.md §2)
 
 
 class Applied:
@@ -36,7 +37,8 @@ class Applied:
 
     concepts:     the concepts (concept.Concept), each usable by its name in prompts
     C:            the base model's text-encoding covariance (d, d) (covariance.for_model)
-    gates:        per-concept β/τ overrides by name; others use the concept's stored defaults
+    gates:        per-concept β/τ overrides by name (Gate.rome: plain ROME instead of the gate, an
+                  ablation); others use the concept's stored defaults
     exact:        exact (C⁻¹-orthonormal) or approximate multi-concept edit (PERFUSION.md §8)
     global_lock:  K path reads the prompt with supercategory words in place of concepts (§4)
     cache:        compute each layer's edited K/V once per call and reuse it at every denoising step
@@ -67,6 +69,7 @@ class Applied:
                     pipe.unet, [c.tensors for c in perf], inverse_covariance(C), exact=exact,
                     betas=[self.gates[c.name].beta for c in perf], taus=[self.gates[c.name].tau for c in perf],
                     labels=[c.name for c in perf], cache=cache,
+                    linear_gates=[self.gates[c.name].rome for c in perf],
                 )
             else:
                 self.patch = patching.attach(pipe.unet, cache=cache)

@@ -2,8 +2,9 @@
 
 What is trained (PERFUSION.md §5): the concept token's embedding (one per text encoder) and o*_V in
 every cross-attention layer. What is not: everything else. i* is an EMA of the concept's encoding,
-o*_K = W_K i_super is locked (§4). The forward pass is the same gated rank-1 edit the renderer uses
-(patch.attach + edit.layer_edit), so training and inference cannot disagree (the paper's point).
+o*_K = W_K i_super is locked (§4; `TrainConfig.lock_keys=False` trains it too: the paper's ablation).
+The forward pass is the same gated rank-1 edit the renderer uses (patch.attach + edit.layer_edit), so
+training and inference cannot disagree (the paper's point).
 """
 
 from __future__ import annotations
@@ -56,6 +57,13 @@ class TrainConfig:
     validate_every: int = 0       # steps between validation renders (0: never)
     templates: list[str] = field(default_factory=list)  # "{}" is the concept; empty: the profile's or defaults
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
+    lock_keys: bool = True        # o*_K = W_K i_super, never trained (§4). False: the paper's ablation (worse):
+                                  # o*_K starts there and is trained with o*_V's learning rate, in its AdamW group;
+                                  # the concept file then stores the trained o*_K
+
+
+# TrainConfig fields added after checkpoints were first written: a checkpoint without one was made with this value
+_CONFIG_ADDED = {"lock_keys": True}
 
 
 @dataclass
@@ -94,7 +102,7 @@ class TrainState:
 
     embeddings: list[torch.nn.Parameter]       # one (d_k,) per text encoder, fp32
     value_targets: dict[str, torch.nn.Parameter]  # layer -> (m,) o*_V, fp32
-    key_targets: dict[str, torch.Tensor]       # layer -> (m,) o*_K, locked
+    key_targets: dict[str, torch.Tensor]       # layer -> (m,) o*_K: locked; an nn.Parameter when lock_keys=False
     i_star: torch.Tensor                       # (d,) EMA of the concept's encodings
     i_super: torch.Tensor                      # (d,) the supercategory's encoding
     step: int = 0
@@ -194,6 +202,8 @@ class Trainer:
             wk = patching.projection_weight(attn.to_k).float()
             wv = patching.projection_weight(attn.to_v).float()
             key_targets[name] = (wk @ i_super).detach()
+            if not self.cfg.lock_keys:   # the ablation: o*_K starts where key-locking would hold it
+                key_targets[name] = torch.nn.Parameter(key_targets[name].clone())
             value_targets[name] = torch.nn.Parameter((wv @ i_super).detach().clone())
         return TrainState(embeddings, value_targets, key_targets, i_super.clone(), i_super.clone())
 
@@ -231,7 +241,7 @@ class Trainer:
             opt = torch.optim.AdamW(
                 [
                     {"params": list(state.embeddings), "lr": cfg.lr_embedding},
-                    {"params": list(state.value_targets.values()), "lr": cfg.lr_value},
+                    {"params": self.target_params(state), "lr": cfg.lr_value},
                 ],
                 weight_decay=cfg.weight_decay,
             )
@@ -275,10 +285,16 @@ class Trainer:
             created=now(),
         )
 
+    def target_params(self, state: TrainState) -> list[torch.nn.Parameter]:
+        """The trained per-layer targets: o*_V, and o*_K too when keys are not locked (in this order: the
+        optimiser's state is checkpointed by position)."""
+        keys = [] if self.cfg.lock_keys else list(state.key_targets.values())
+        return list(state.value_targets.values()) + keys
+
     def tensors(self, state: TrainState) -> ConceptTensors:
         return ConceptTensors(
             i_star=state.i_star.detach().cpu().clone(),
-            key_targets={k: v.detach().cpu().clone() for k, v in state.key_targets.items()},
+            key_targets={k: v.detach().float().cpu().clone() for k, v in state.key_targets.items()},
             value_targets={k: v.detach().float().cpu().clone() for k, v in state.value_targets.items()},
             beta=self.cfg.render_beta, tau=self.cfg.render_tau,
         )
@@ -378,9 +394,9 @@ class Trainer:
     def save_checkpoint(self, path: Path, state: TrainState, opt: torch.optim.Optimizer) -> None:
         tensors = {f"embedding.{k}": e.detach() for k, e in enumerate(state.embeddings)}
         tensors.update({f"value.{n}": v.detach() for n, v in state.value_targets.items()})
-        tensors.update({f"key.{n}": v for n, v in state.key_targets.items()})
+        tensors.update({f"key.{n}": v.detach() for n, v in state.key_targets.items()})
         tensors["i_star"], tensors["i_super"] = state.i_star, state.i_super
-        params = list(state.embeddings) + list(state.value_targets.values())
+        params = list(state.embeddings) + self.target_params(state)
         for i, p in enumerate(params):
             st = opt.state.get(p, {})
             for key in ("exp_avg", "exp_avg_sq", "step"):
@@ -401,10 +417,11 @@ class Trainer:
             saved_cfg = json.loads(meta.get("config", "{}"))
             if meta.get("supercategory") != self.super:
                 raise PerfusionError(f"checkpoint {path} is for --super {meta.get('supercategory')}; drop --resume")
-            for key in ("batch_size", "grad_accum", "lr_embedding", "lr_value", "flip", "seed"):
-                if saved_cfg.get(key) != getattr(self.cfg, key):
+            for key in ("batch_size", "grad_accum", "lr_embedding", "lr_value", "flip", "seed", "lock_keys"):
+                saved = saved_cfg.get(key, _CONFIG_ADDED.get(key))
+                if saved != getattr(self.cfg, key):
                     raise PerfusionError(
-                        f"checkpoint {path} was made with {key}={saved_cfg.get(key)}, now {getattr(self.cfg, key)}; "
+                        f"checkpoint {path} was made with {key}={saved}, now {getattr(self.cfg, key)}; "
                         "use the same settings or drop --resume"
                     )
             g = lambda k: f.get_tensor(k).to(self.device)
@@ -412,11 +429,11 @@ class Trainer:
                 e.data.copy_(g(f"embedding.{k}"))
             for n, v in state.value_targets.items():
                 v.data.copy_(g(f"value.{n}"))
-            for n in state.key_targets:
-                state.key_targets[n] = g(f"key.{n}")
+            for n, k in state.key_targets.items():
+                k.data.copy_(g(f"key.{n}"))   # in place: a trained o*_K is the optimiser's parameter
             state.i_star.copy_(g("i_star"))
             state.i_super.copy_(g("i_super"))
-            params = list(state.embeddings) + list(state.value_targets.values())
+            params = list(state.embeddings) + self.target_params(state)
             names = set(f.keys())
             for i, p in enumerate(params):
                 if f"opt.{i}.exp_avg" in names:

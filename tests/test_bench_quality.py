@@ -35,14 +35,38 @@ def test_instance_sets():
     assert len(full.prompts) >= 8 and len(full.biases) >= 5 and full.methods[0] == "perfusion"
 
 
-def test_quick_run_writes_report_plot_and_json(tmp_path):
-    out = tmp_path / "q"
+QUICK_FILES = ["quality-quick.md", "quality-quick.json", "quality-quick.png",
+               "quality-ablations-quick.md", "quality-ablations-quick.json", "quality-ablations-quick.png",
+               "quality-pairs-quick.md", "quality-pairs-quick.json"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """`perfusion bench quality --quick`, every part: (CLI result, written paths, {part: report})."""
+    out = tmp_path_factory.mktemp("q")
     r = CliRunner().invoke(app, ["bench", "quality", "--quick", "-o", str(out)])
     assert r.exit_code == 0, r.output
     paths = [Path(p) for p in r.stdout.split()]
-    assert [p.name for p in paths] == ["quality-quick.md", "quality-quick.json", "quality-quick.png"]
-    report = json.loads(paths[1].read_text())
-    assert report["config"]["instances"] == ["hatcat"] and report["config"]["quick"] is True
+    reports = {js.name: json.loads(js.read_text()) for js in paths if js.suffix == ".json"}
+    return r, paths, {rep["part"]: rep for rep in reports.values()}
+
+
+def test_quick_run_writes_every_part(quick_run):
+    r, paths, reports = quick_run
+    assert [p.name for p in paths] == QUICK_FILES and all(p.is_file() for p in paths)
+    assert set(reports) == {"methods", "ablations", "pairs"}
+    for rep in reports.values():
+        assert rep["config"]["quick"] is True and rep["config"]["parts"] == ["methods", "ablations", "pairs"]
+        assert rep["total_s"] > 0 and rep["benchmark"] == "perfusion bench quality"
+    for png in (p for p in paths if p.suffix == ".png"):
+        img = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(png))
+        assert img.shape[2] == 3 and img.shape[0] > 300
+
+
+def test_quick_methods_report(quick_run):
+    r, paths, reports = quick_run
+    report = reports["methods"]
+    assert report["config"]["instances"] == ["hatcat"]
     res = report["results"]["hatcat"]
     assert set(res) == {"base model", "perfusion", "ti", "dreambooth", "lora", "custom-diffusion"}
     assert [p["knob"] for p in res["perfusion"]] == [0.5, 0.9] and [p["knob"] for p in res["lora"]] == [0.5, 1.0]
@@ -54,11 +78,110 @@ def test_quick_run_writes_report_plot_and_json(tmp_path):
     assert set(report["claim_perfusion_at_or_above"]) == {"ti", "dreambooth", "lora", "custom-diffusion"}
     text = paths[0].read_text()
     assert "Quick mode" in text and "quality-quick.png" in text and "The paper's claim" in text
-    img = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(paths[2]))
-    assert img.shape[2] == 3 and img.shape[0] > 300
+    assert "quality-ablations-quick.md" in text and "quality-pairs-quick.md" in text
     assert "Perfusion at or above ti" in r.stderr
-    bad = CliRunner().invoke(app, ["bench", "quality", "--quick", "--methods", "perfusion,hyper", "-o", str(out)])
-    assert bad.exit_code != 0 and "unknown method" in bad.stderr and "Traceback" not in bad.output
+
+
+def _unit(x) -> bool:
+    return bool(np.isfinite(x)) and 0.0 <= x <= 1.0
+
+
+def test_quick_ablations_report(quick_run):
+    from perfusion_cli.bench.ablations import ABOUT
+    from perfusion_cli.bench.quality import ABLATIONS
+
+    r, paths, reports = quick_run
+    rep = reports["ablations"]
+    ids = ["no-key-lock", "rome", "mask", "one-photo", "global-lock", "train-beta-0.6", "train-beta-0.9"]
+    assert [v["id"] for v in rep["variants"]] == ids and set(ABOUT) == set(ABLATIONS)
+    assert {v["id"] for v in rep["variants"] if not v["trained"]} == {"rome", "global-lock"}
+    assert set(rep["train_seconds"]) == set(ids) - {"rome", "global-lock"}
+    row = rep["results"]["hatcat"]
+    assert set(row) == {"perfusion", *ids}
+    for pt in row.values():
+        assert len(pt["fidelity_per_image"]) == rep["images_per_point"] == 1
+        assert _unit(pt["fidelity"]) and _unit(pt["alignment"])
+    for vid in ids:
+        assert np.isfinite(rep["delta"][vid]["fidelity"]) and np.isfinite(rep["delta"][vid]["alignment"])
+    # every point at the plain concept's default gate; its bias curve is the methods part's Perfusion curve (the
+    # same concept at the same biases: reused, and its renders shared)
+    assert rep["reference"] == {"beta": 0.7, "tau": 0.15}
+    assert [(p["knob"], p["fidelity"]) for p in rep["bias_curves"]["hatcat"]] == \
+        [(p["knob"], p["fidelity"]) for p in reports["methods"]["results"]["hatcat"]["perfusion"]]
+    # the gate ablation changes the images: plain ROME is not the gated edit
+    assert row["rome"]["fidelity_per_image"] != row["perfusion"]["fidelity_per_image"] or \
+        row["rome"]["alignment_per_image"] != row["perfusion"]["alignment_per_image"]
+    text = paths[3].read_text()
+    assert "quality-ablations-quick.png" in text and "plain ROME" in text and "off the bias curve" in text
+    assert "ablation rome:" in r.stderr
+
+
+def test_quick_pairs_report(quick_run):
+    from perfusion_cli.bench.pairs import GOAL
+
+    r, paths, reports = quick_run
+    rep = reports["pairs"]
+    assert rep["pairs"] == [["hatcat", "scarfcat"]]      # a lone instance gets the first other reporting instance
+    combos = ["perfusion-exact", "perfusion-approximate", "ti", "lora-0.5", "lora-1"]
+    assert [c["id"] for c in rep["combinations"]] == combos
+    row = rep["results"]["hatcat+scarfcat"]
+    assert set(row) == {"base model", *combos}
+    for cid, res in row.items():
+        assert res["images"] == rep["images_per_pair"] == 1
+        for key in ("both_recognised", "recognised_a", "recognised_b", "fidelity_a", "fidelity_b", "alignment"):
+            assert _unit(res[key]), (cid, key, res[key])
+        assert res["both_recognised"] <= min(res["recognised_a"], res["recognised_b"])
+    assert set(rep["claim"]) == set(combos)
+    for c in rep["claim"].values():
+        assert c["goal"] == GOAL and c["met"] == (c["both_recognised"] >= GOAL)
+    # the two Perfusion combinations are different edits (exact vs approximate), so their images differ
+    ex, ap = row["perfusion-exact"]["per_image"], row["perfusion-approximate"]["per_image"]
+    assert (ex["fidelity_a"], ex["fidelity_b"]) != (ap["fidelity_a"], ap["fidelity_b"])
+    text = paths[6].read_text()
+    assert "Recognised" in text and ("met" in text or "missed" in text) and "hatcat + scarfcat" in text
+    assert "pairs, perfusion-exact: both concepts recognised in" in r.stderr
+
+
+def test_a_part_alone_writes_only_its_files(tmp_path):
+    out = tmp_path / "q"
+    r = CliRunner().invoke(app, ["bench", "quality", "--quick", "--parts", "ablations", "--ablations",
+                                 "rome,global-lock", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(QUICK_FILES[3:6])
+    rep = json.loads((out / "quality-ablations-quick.json").read_text())
+    assert [v["id"] for v in rep["variants"]] == ["rome", "global-lock"] and rep["train_seconds"] == {}
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (["--methods", "perfusion,hyper"], "unknown method"),
+    (["--parts", "methods,nosuch"], "unknown part"),
+    (["--parts", ","], "needs at least one"),
+    (["--ablations", "rome,sideways"], "unknown ablation"),
+    (["--instances", "nosuch"], "unknown instance"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, args, phrase):
+    from test_cli import assert_clean_error
+
+    r = CliRunner().invoke(app, ["bench", "quality", "--quick", *args, "-o", str(tmp_path / "q")])
+    assert_clean_error(r, phrase)
+    assert not (tmp_path / "q").exists()
+
+
+def test_pair_lists_and_variants():
+    from perfusion_cli.bench.ablations import off_curve, variants
+    from perfusion_cli.bench.pairs import pair_list
+
+    assert pair_list(["a", "b"]) == [("a", "b")]
+    assert pair_list(["a", "b", "c"]) == [("a", "b"), ("a", "c"), ("b", "c")]
+    four = pair_list(["a", "b", "c", "d"])
+    assert four == [("a", "b"), ("b", "c"), ("c", "d")] and len(pair_list(list("abcdefg"))) == 6
+    assert pair_list(["scarfcat"]) == [("scarfcat", "hatcat")]
+    vs = variants(QualityConfig(ablations=("train-beta", "one-photo"), train_betas=(0.5,)))
+    assert [(v.id, v.train, v.photos) for v in vs] == [("train-beta-0.5", {"train_beta": 0.5}, None),
+                                                      ("one-photo", {}, 1)]
+    curve = [{"alignment": 0.5, "fidelity": 0.8}, {"alignment": 0.9, "fidelity": 0.4}]
+    assert off_curve(curve, {"alignment": 0.7, "fidelity": 0.65}) == pytest.approx(0.05)
+    assert off_curve(curve, {"alignment": 0.95, "fidelity": 0.65}) is None
 
 
 def test_pareto_counts_points_beaten_on_both_axes():

@@ -354,6 +354,30 @@ def test_train_bad_names(photos, unchanged, name, phrase):
     assert_clean_error(r, phrase)
 
 
+def test_train_no_key_lock_trains_the_keys(photos, perfusion_home):
+    """--no-key-lock (the paper's ablation): recorded in the concept, and its o*_K is not the locked one."""
+    from perfusion_cli import concept
+
+    r = cli("train", photos, "--super", "box", "--name", "mylocked", "--seed", "1", "--fp32", *FAST_TRAIN)
+    assert r.exit_code == 0, r.output
+    r = cli("train", photos, "--super", "box", "--name", "myunlocked", "--seed", "1", "--fp32", "--no-key-lock",
+            "--json", *FAST_TRAIN)
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.stdout)
+    assert rec["metadata"]["concepts"][0]["training"]["lock_keys"] is False
+    locked = concept.load(perfusion_home / "concepts" / "mylocked.safetensors").concepts[0]
+    unlocked = concept.load(rec["path"]).concepts[0]
+    assert locked.training["lock_keys"] is True
+    gap = max(float((unlocked.tensors.key_targets[n] - k).abs().max()) for n, k in locked.tensors.key_targets.items())
+    assert gap > 1e-4, "the unlocked run's o*_K should have moved from W_K i_super"
+    assert "--no-key-lock" in cli("train", "--help").stdout
+
+
+def test_train_no_key_lock_is_a_perfusion_option(photos, unchanged):
+    r = cli("train", photos, "--super", "box", "--name", "mybox", "--method", "ti", "--no-key-lock", *FAST_TRAIN)
+    assert_clean_error(r, "--no-key-lock", "Perfusion options")
+
+
 def test_train_existing_name_needs_force(registry_with_concept, photos, perfusion_home):
     with registry_unchanged(perfusion_home):
         r = cli("train", photos, "--super", "box", "--name", "mybox", *FAST_TRAIN)

@@ -312,3 +312,46 @@ def test_layer_edit_gradient_wrt_targets():
     W = p["W"].clone().requires_grad_(True)
     le = edit.layer_edit(W, edit.concept_inputs(p["I"], p["Cinv"], BETAS, TAUS), p["O"])
     assert not le.delta(p["E"]).requires_grad
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain ROME: the gate replaced by s(e) (§2; an ablation of the quality benchmark)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("d,m", SIZES)
+def test_linear_gate_is_romes_closed_form(d, m):
+    """§2: with `linear` set, W e + delta(e) = W' e for ROME's W' = W + (o* − W i*)(C⁻¹i*)ᵀ/E, built here
+    explicitly in float64; β, τ no longer matter; without it the same inputs give the gated edit."""
+    p = random_problem(d, m, n=1, seed=d + 40)
+    Cinv, i_star = p["Cinv"], p["I"][0].double()
+    W, o_star, e = p["W"].double(), p["O"][0].double(), p["E"].double()
+    W_rome = W + torch.outer(o_star - W @ i_star, Cinv @ i_star) / (i_star @ Cinv @ i_star)
+    for beta, tau in ((0.7, 0.15), (0.2, 0.6)):
+        inputs = edit.concept_inputs(p["I"], Cinv, beta, tau, linear=[True])
+        le = edit.layer_edit(p["W"], inputs, p["O"])
+        assert_close(e @ W.T + le.delta(p["E"]).double(), e @ W_rome.T)
+        assert_close(le.gates(p["E"]).double()[:, 0], ref_sim(e, i_star, Cinv), rel=1e-5)
+    assert_close(W_rome @ i_star, o_star, rel=1e-10)        # ROME's constraint W' i* = o* ...
+    assert_close((p["I"] @ p["W"].T + le.delta(p["I"])).double()[0], o_star)   # ... which the module meets
+    gated = edit.layer_edit(p["W"], edit.concept_inputs(p["I"], Cinv, 0.7, 0.15, linear=[False]), p["O"])
+    assert (e @ W.T + gated.delta(p["E"]).double() - e @ W_rome.T).abs().max() > 1e-2
+
+
+def test_linear_gate_per_concept_and_stacked():
+    """Two concepts, only the first plain ROME: its gate is s_1(e), the second's σ((s_2 − β_2)/τ_2); the
+    StackedEdit of the training loop carries the flag too (same numbers as the LayerEdit)."""
+    n, d, m = 2, 32, 12
+    p = random_problem(d, m, n=n, seed=41)
+    inputs = edit.concept_inputs(p["I"], p["Cinv"], BETAS[:n], TAUS[:n], exact=False, linear=[True, False])
+    le = edit.layer_edit(p["W"], inputs, p["O"])
+    e = p["E"].double()
+    expected = e @ p["W"].double().T
+    for c, gate_of in enumerate((lambda s: s, lambda s: ref_gate(s, BETAS[1], TAUS[1]))):
+        s_c = ref_sim(e, p["I"][c], p["Cinv"])[:, None]
+        expected = expected - s_c * (p["W"].double() @ p["I"][c].double()) + gate_of(s_c) * p["O"][c].double()
+    assert_close(e @ p["W"].double().T + le.delta(p["E"]).double(), expected)
+    st = edit.stacked_edit(p["W"], inputs, p["O"], {("x", "v"): (0, m)})
+    torch.testing.assert_close(st.delta_all(p["E"]), le.delta(p["E"]), atol=1e-6, rtol=1e-6)
+    # all flags off is exactly the gated edit (no flag tensor at all)
+    assert edit.concept_inputs(p["I"], p["Cinv"], BETAS[:n], TAUS[:n], linear=[False, False]).linear is None

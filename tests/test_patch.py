@@ -86,6 +86,26 @@ def test_hooked_projection_matches_closed_form():
     assert torch.isclose(s[0, 2], torch.tensor(1.0, dtype=torch.float64))
 
 
+def test_linear_gate_in_a_real_layer_is_rome():
+    """apply(linear_gates=[True]): to_k/to_v become ROME's W' = W + (o* − W i*)(C⁻¹i*)ᵀ/E, built explicitly."""
+    pipe = tiny_pipeline("sd1")
+    d = TEXT_WIDTH["sd1"]
+    C = random_cov(d, 8)
+    Ci = torch.linalg.inv(C)
+    concept = random_concept(pipe.unet, d, 9)
+    name, attn = next(iter(P.cross_attention_layers(pipe.unet).items()))
+    e = torch.randn(6, d, dtype=torch.float64)
+    i = concept.i_star.double()
+    for proj, o in ((attn.to_v, concept.value_targets[name]), (attn.to_k, concept.key_targets[name])):
+        W = proj.weight.double()
+        W_rome = W + torch.outer(o.double() - W @ i, Ci @ i) / (i @ Ci @ i)
+        with P.apply(pipe.unet, [concept], inverse_covariance(C, ridge=0.0), linear_gates=[True]):
+            got = proj(e.float())
+        torch.testing.assert_close(got.double(), e @ W_rome.T, rtol=1e-4, atol=1e-4)
+        with P.apply(pipe.unet, [concept], inverse_covariance(C, ridge=0.0), linear_gates=[False]):
+            assert not torch.allclose(proj(e.float()).double(), e @ W_rome.T, atol=1e-2)
+
+
 def test_two_concepts_exact_each_with_own_gate():
     """Two concepts, exact form: h = W e⊥ + Σ σ((s_c − β_c)/τ_c) o*_c (§8), checked in a real layer."""
     pipe = tiny_pipeline("sd1")

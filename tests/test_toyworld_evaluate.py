@@ -187,6 +187,28 @@ def test_fidelity_details_and_references():
         ev.fidelity(img, "nosuchinstance")
 
 
+def test_recognition_of_two_instances_in_one_image():
+    """recognition(): each of two instances in one render is recognised (in its own object), a third instance of
+    the same kind is not; the score is fidelity's; an empty scene recognises nothing."""
+    for a, b, scene in (("hatcat", "spotdog", "on grass"), ("hatcat", "scarfcat", "in the snow"),
+                        ("giftbox", "fruittree", "on a beach")):
+        img, _ = tw.render_instance_in(a, scene, others=[tw.INSTANCES_BY_NAME[b].spec], rng=1)
+        for name in (a, b):
+            r = ev.recognition(img, name)
+            assert r["recognised"] and r["margin"] > 0.05, (a, b, name, r)
+            assert r["score"] == pytest.approx(ev.fidelity(img, name))
+        r = ev.recognition(img, "tealcat")
+        assert not r["recognised"] and r["best_other"] in (a, b), r
+    # with only the two instances as candidates, a cat is still told from the other cat
+    img, _ = tw.render_instance_in("hatcat", "at night", rng=2)
+    assert ev.recognition(img, "hatcat", candidates=["scarfcat"])["recognised"]
+    assert not ev.recognition(img, "scarfcat", candidates=["hatcat"])["recognised"]
+    empty = tw.draw(tw.Scene("on grass", [], bg=40, bg_flip=False))
+    assert ev.recognition(empty, "hatcat") == {"recognised": False, "score": 0.0, "best_other": None, "margin": None}
+    with pytest.raises(ValueError, match="unknown instance"):
+        ev.recognition(img, "nosuch")
+
+
 # ------------------------------------------------------------------------------------------------
 # Degradation, determinism, silence (speed: docs/toyworld-evaluators.md, not a test)
 # ------------------------------------------------------------------------------------------------
@@ -213,3 +235,4 @@ def test_pure_and_silent(red_ball_on_grass, capsys):
     assert np.array_equal(before, red_ball_on_grass)
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""
+

@@ -21,7 +21,7 @@ PROMPTS = ["a cat on grass", "a red car", "a dog in the snow at night", "two blu
 
 
 def base_of(pipe) -> models.BaseModel:
-    return models.BaseModel(pipe=pipe, id="tiny", profile=models._generic_profile(pipe),
+    return models.BaseModel(pipe=pipe, id="tiny", profile=models.generic_profile(pipe),
                             device=torch.device("cpu"), dtype=torch.float32)
 
 
@@ -98,6 +98,48 @@ def test_key_targets_are_locked_and_value_targets_train(tmp_path):
     for name, attn in P.cross_attention_layers(pipe.unet).items():
         torch.testing.assert_close(concept.tensors.key_targets[name], attn.to_k.weight @ i_super, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(concept.tensors.value_targets[name], attn.to_v.weight @ i_super, atol=1e-4)
+
+
+def test_lock_keys_false_trains_key_targets(tmp_path):
+    """TrainConfig.lock_keys (§4): True keeps o*_K at W_K·i_super (computed here independently); False, the
+    paper's ablation, starts o*_K there and trains it, and the concept carries the trained o*_K."""
+    pipe = tiny_pipeline("sd1")
+    C = inverse_covariance(estimate(pipe, PROMPTS))
+    cfg = dict(steps=3, batch_size=2, grad_accum=1, checkpoint_every=0, templates=["a photo of a {}"], seed=1)
+    with torch.no_grad():
+        e = pipe.encode_prompt("a photo of a cat", "cpu", 1, False)[0][0]
+    (cat,) = pipe.tokenizer("cat", add_special_tokens=False).input_ids
+    i_super = e[pipe.tokenizer("a photo of a cat").input_ids.index(cat)]
+    locked = Trainer(base_of(pipe), "mycat", "cat", C, TrainConfig(**cfg)).fit(photo_set())
+    free = Trainer(base_of(pipe), "mycat", "cat", C, TrainConfig(lock_keys=False, **cfg)).fit(photo_set())
+    assert free.training["lock_keys"] is False and locked.training["lock_keys"] is True
+    for name, attn in P.cross_attention_layers(pipe.unet).items():
+        start = attn.to_k.weight @ i_super
+        torch.testing.assert_close(locked.tensors.key_targets[name], start, rtol=1e-4, atol=1e-5)
+        moved = (free.tensors.key_targets[name] - start).abs().max()
+        assert moved > 1e-3, f"o*_K of {name} did not train ({moved})"
+
+
+def test_resume_with_unlocked_keys_and_a_changed_lock(tmp_path):
+    """Checkpoints keep the trained o*_K and its optimiser state: an interrupted lock_keys=False run resumes to
+    the uninterrupted result; resuming it with keys locked is refused (one error, not a silent mix)."""
+    pipe = tiny_pipeline("sd1")
+    C = inverse_covariance(estimate(pipe, PROMPTS))
+    cfg = dict(batch_size=2, grad_accum=1, templates=["a photo of a {}"], checkpoint_every=2, seed=3, lock_keys=False)
+    full = Trainer(base_of(pipe), "mycat", "cat", C, TrainConfig(steps=4, **cfg)).fit(photo_set(), workdir=tmp_path / "a")
+    Trainer(base_of(pipe), "mycat", "cat", C, TrainConfig(steps=2, **cfg)).fit(photo_set(), workdir=tmp_path / "b")
+    resumed = Trainer(base_of(pipe), "mycat", "cat", C, TrainConfig(steps=4, **cfg)).fit(
+        photo_set(), workdir=tmp_path / "b", resume=True)
+    for name in full.tensors.key_targets:
+        torch.testing.assert_close(resumed.tensors.key_targets[name], full.tensors.key_targets[name],
+                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(resumed.tensors.value_targets[name], full.tensors.value_targets[name],
+                                   rtol=1e-4, atol=1e-5)
+    from perfusion_cli.errors import PerfusionError
+
+    with pytest.raises(PerfusionError, match="lock_keys=False"):
+        Trainer(base_of(pipe), "mycat", "cat", C, TrainConfig(steps=6, **{**cfg, "lock_keys": True})).fit(
+            photo_set(), workdir=tmp_path / "b", resume=True)
 
 
 def test_resume_continues_from_checkpoint(tmp_path):

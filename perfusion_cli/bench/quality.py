@@ -1,7 +1,15 @@
-"""`perfusion bench quality`: Perfusion against its baselines on the toy world, as fidelity-vs-alignment curves.
+"""`perfusion bench quality`: Perfusion against its baselines on the toy world, as fidelity-vs-alignment curves,
+its ablations, and several concepts in one image.
 
-For every instance (default: the toy world's reporting set), every method trains one concept from the same
-photo set on the bundled toy model; then every prompt (scenes, added objects, other objects' colours,
+Three parts (`QualityConfig.parts`), each with its own report (Markdown + JSON, and a PNG plot), so that each can
+be rerun alone:
+
+    methods     quality.*            every method's curve (below)
+    ablations   quality-ablations.*  Perfusion's design choices, one at a time (bench/ablations.py)
+    pairs       quality-pairs.*      two concepts trained apart, rendered together (bench/pairs.py)
+
+Methods: for every instance (default: the toy world's reporting set), every method trains one concept from the
+same photo set on the bundled toy model; then every prompt (scenes, added objects, other objects' colours,
 counts) is rendered with fixed seeds at each point of the method's natural knob:
 
     perfusion          the gate bias β (one trained file, PERFUSION.md §7)
@@ -12,8 +20,12 @@ counts) is rendered with fixed seeds at each point of the method's natural knob:
 Each image gets fidelity (the world's instance scorer against the instance's photos) and alignment (the
 world's caption scorer against the prompt with the concept word read as its supercategory, as the paper
 measures it). A curve is the mean (alignment, fidelity) of each knob value, per instance and averaged.
-The report (Markdown + JSON + a PNG plot) also gives file sizes, training times and the paper's claim
-checked here: at each baseline point, is Perfusion's curve, read at the same alignment, at or above it?
+The report also gives file sizes, training times and the paper's claim checked here: at each baseline point,
+is Perfusion's curve, read at the same alignment, at or above it?
+
+A method's concept of an instance is trained once per run, by the first part that needs it, and reused by the
+others (`Bench.concept`): the ablations compare with the methods part's Perfusion concept, the pairs combine the
+per-instance concepts.
 
 Library code: prints nothing; progress and messages through callbacks.
 """
@@ -22,7 +34,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -41,9 +53,18 @@ PROMPTS = (
     "a {} and two yellow boxes on grass",           # counts
     "a {} and a green striped tree in the snow",    # another object's pattern
 )
+PAIR_PROMPTS = (                                    # {a}, {b}: the two concepts; several scenes, both orders
+    "a {a} and a {b} on grass",
+    "a {a} and a {b} on a beach",
+    "a {a} and a {b} in the snow",
+    "a {b} and a {a} at night",
+)
 METHOD_ORDER = ("perfusion", "ti", "dreambooth", "lora", "custom-diffusion")
+PARTS = ("methods", "ablations", "pairs")
+ABLATIONS = ("no-key-lock", "rome", "mask", "one-photo", "global-lock", "train-beta")  # bench/ablations.py
 COLOURS = {"perfusion": (214, 39, 40), "ti": (31, 119, 180), "dreambooth": (44, 160, 44), "lora": (255, 127, 14),
            "custom-diffusion": (148, 103, 189), "base model": (90, 90, 90)}
+WORD = "myconcept"   # the concept word in prompts: a label only (text.py writes it as its supercategory word)
 
 
 @dataclass
@@ -61,11 +82,19 @@ class QualityConfig:
     seed: int = 0
     device: str = "cpu"
     quick: bool = False                              # CI: one instance, tiny settings (keeps the path alive)
+    parts: tuple[str, ...] = PARTS                   # which reports to make
+    ablations: tuple[str, ...] = ABLATIONS           # the ablations part's variants (bench/ablations.py)
+    train_betas: tuple[float, ...] = (0.6, 0.9)      # ablation "train-beta": against TrainConfig's 0.75
+    pair_prompts: tuple[str, ...] = PAIR_PROMPTS
+    pair_lora_scales: tuple[float, ...] = (0.5, 1.0)  # pairs: both LoRAs at this scale each
+    prior_images: int | None = None                  # DreamBooth's class images (None: its recipe's)
+    prior_steps: int | None = None                   # ... and their sampling steps (None: its recipe's)
 
     @classmethod
     def quick_config(cls, **overrides) -> "QualityConfig":
         base = dict(instances=("hatcat",), steps=2, photos=4, prompts=PROMPTS[:1], seeds=1, biases=(0.5, 0.9),
-                    lora_scales=(0.5, 1.0), step_fractions=(0.5, 1.0), render_steps=2, quick=True)
+                    lora_scales=(0.5, 1.0), step_fractions=(0.5, 1.0), render_steps=2, quick=True,
+                    pair_prompts=PAIR_PROMPTS[:1], prior_images=2, prior_steps=2)
         return cls(**{**base, **overrides})
 
 
@@ -84,133 +113,276 @@ def instance_names(spec) -> list[str]:
     return names
 
 
+def _unknown(kind: str, given, known) -> None:
+    bad = [x for x in given if x not in known]
+    if bad:
+        raise PerfusionError(f"unknown {kind}(s) {', '.join(bad)}; choose from {', '.join(known)}")
+
+
 def check_config(cfg: QualityConfig) -> None:
     from ..methods import METHODS
 
-    bad = [m for m in cfg.methods if m not in METHODS]
-    if bad:
-        raise PerfusionError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
+    _unknown("method", cfg.methods, METHODS)
+    _unknown("part", cfg.parts, PARTS)
+    _unknown("ablation", cfg.ablations, ABLATIONS)
+    if not cfg.parts:
+        raise PerfusionError(f"--parts needs at least one of {', '.join(PARTS)}")
     if cfg.steps < 1 or cfg.seeds < 1 or cfg.photos < 1:
         raise PerfusionError("--steps, --seeds and --photos must be at least 1")
     if any(p.count("{}") != 1 for p in cfg.prompts):
         raise PerfusionError("each prompt needs exactly one {} for the concept")
+    if any(p.count("{a}") != 1 or p.count("{b}") != 1 for p in cfg.pair_prompts):
+        raise PerfusionError("each pair prompt needs exactly one {a} and one {b} for the two concepts")
+    if not all(0.0 <= b <= 1.0 for b in cfg.train_betas):
+        raise PerfusionError("training biases of the train-beta ablation must be between 0 and 1")
     instance_names(cfg.instances)
 
 
+class Bench:
+    """What the parts of one run share: the toy base model and its C, the render settings, each instance's
+    photos, and every concept trained so far, kept in memory while a later part needs it."""
+
+    def __init__(self, cfg: QualityConfig, progress: Callable[[str, int, int], None], say: Callable[[str], None]):
+        from .. import covariance, models
+        from ..edit import inverse_covariance
+
+        self.cfg, self.progress, self.say = cfg, progress, say
+        self.names = instance_names(cfg.instances)
+        say("loading the toy base model")
+        self.base = models.load("toyworld", device=cfg.device, dtype="fp32")
+        self.cov = covariance.for_model(self.base)
+        self.C_inv = inverse_covariance(self.cov.C)
+        render = self.base.profile.render or {}
+        self.kw = dict(height=self.base.resolution, width=self.base.resolution, output_type="np",
+                       num_inference_steps=cfg.render_steps or int(render.get("steps", 30)),
+                       guidance_scale=float(render.get("cfg", 4.0)))
+        models.set_sampler(self.base.pipe, render.get("sampler", "ddim"))
+        self.concepts: dict[tuple[str, str], object] = {}          # (instance, method) -> concept.Concept
+        self.snapshots: dict[tuple[str, str], dict[int, object]] = {}  # ... -> {steps: Concept} (steps knob)
+        self.train_seconds: dict[tuple[str, str], float] = {}
+        self._photos: dict[str, object] = {}
+        self._points: dict[tuple, dict] = {}    # (instance, key) -> a rendered point, for renders parts share
+        # methods whose concepts later parts reuse: the ablations compare with Perfusion's, the pairs combine
+        # Perfusion's, TI's and LoRA's; others (a toy DreamBooth concept is 26 MB) are dropped once rendered
+        self.kept = ({"perfusion"} if {"ablations", "pairs"} & set(cfg.parts) else set()) | \
+                    ({"ti", "lora"} if "pairs" in cfg.parts else set())
+
+    # -- photos and concepts --------------------------------------------------------------------
+    def photos(self, name: str):
+        """The instance's photo set (cfg.photos photos), as `perfusion train` would read it from a folder."""
+        if name not in self._photos:
+            import tempfile
+
+            from ..images import load_photos
+            from ..toyworld.demo import write_photos
+
+            with tempfile.TemporaryDirectory(prefix="perfusion-quality-") as d:
+                write_photos(name, self.cfg.photos, Path(d), self.cfg.seed)
+                self._photos[name] = load_photos(d, self.base.resolution)
+        return self._photos[name]
+
+    def train_perfusion(self, name: str, stage: str, photos: int | None = None, **overrides):
+        """A Perfusion concept of `name` trained with the bench's settings, TrainConfig fields `overrides`, on the
+        first `photos` photos (None: all)."""
+        from ..images import PhotoSet
+        from ..toyworld import world as tw
+        from ..training import TrainConfig, Trainer
+
+        ps = self.photos(name)
+        if photos is not None:
+            ps = PhotoSet(pixels=ps.pixels[:photos], paths=ps.paths[:photos])
+        cfg = TrainConfig(steps=self.cfg.steps, batch_size=4, grad_accum=1, seed=self.cfg.seed, checkpoint_every=0,
+                          **overrides)
+        trainer = Trainer(self.base, WORD, tw.INSTANCES_BY_NAME[name].supercategory, self.C_inv, cfg)
+        return trainer.fit(ps, progress=lambda p: self.progress(stage, p.step, p.steps))
+
+    def _train_baseline(self, name: str, method: str, stage: str):
+        from ..methods import recipe, train_baseline
+        from ..toyworld import world as tw
+
+        cfg = self.cfg
+        snaps: dict[int, object] = {}
+        over = {k: v for k, v in (("prior_images", cfg.prior_images), ("prior_steps", cfg.prior_steps))
+                if v is not None}
+        mcfg = recipe(method, steps=cfg.steps, batch_size=4, seed=cfg.seed, **over)
+        concept = train_baseline(self.base, WORD, tw.INSTANCES_BY_NAME[name].supercategory, self.photos(name), mcfg,
+                                 progress=lambda p: self.progress(stage, p.step, p.steps),
+                                 snapshots=tuple(self.step_knobs()), on_snapshot=snaps.__setitem__)
+        snaps[cfg.steps] = concept
+        return concept, snaps
+
+    def step_knobs(self) -> list[int]:
+        """The training steps at which the steps-knob methods are rendered."""
+        return sorted({max(1, round(fr * self.cfg.steps)) for fr in self.cfg.step_fractions})
+
+    def concept(self, name: str, method: str, stage: str | None = None):
+        """`method`'s concept of instance `name` (word WORD), trained on first use."""
+        key = (name, method)
+        if key not in self.concepts:
+            stage = stage or f"{name}: {method}"
+            self.say(f"{stage}: training {self.cfg.steps} steps")
+            t = time.perf_counter()
+            if method == "perfusion":
+                self.concepts[key] = self.train_perfusion(name, stage)
+            else:
+                self.concepts[key], self.snapshots[key] = self._train_baseline(name, method, stage)
+            self.train_seconds[key] = time.perf_counter() - t
+        return self.concepts[key]
+
+    def release(self, name: str, method: str) -> None:
+        """Drop the snapshots, and the concept unless a later part of the run needs it."""
+        self.snapshots.pop((name, method), None)
+        if method not in self.kept:
+            self.concepts.pop((name, method), None)
+
+    # -- rendering and scoring ------------------------------------------------------------------
+    def images(self, call: Callable, prompts) -> list[list[np.ndarray]]:
+        """Every prompt rendered with the fixed seeds by call(prompt, generators) -> float images in [0, 1];
+        returns uint8 images, per prompt."""
+        out = []
+        for prompt in prompts:
+            gens = [torch.Generator("cpu").manual_seed(self.cfg.seed + s) for s in range(self.cfg.seeds)]
+            with torch.no_grad():
+                arr = call(prompt, gens)
+            out.append(list((np.clip(arr, 0, 1) * 255).round().astype(np.uint8)))
+        return out
+
+    def base_call(self) -> Callable:
+        return lambda p, g: self.base.pipe([p] * len(g), generator=g, **self.kw).images
+
+    def applied_call(self, applied) -> Callable:
+        return lambda p, g: applied([p] * len(g), generator=g, **self.kw).images
+
+    def score(self, name: str, images: list[list[np.ndarray]]) -> dict:
+        """Fidelity to instance `name` and alignment to each prompt of cfg.prompts (the concept read as its
+        supercategory) of images[prompt][seed]: means and per-image values."""
+        from ..toyworld import evaluate as ev
+        from ..toyworld import world as tw
+
+        sup = tw.INSTANCES_BY_NAME[name].supercategory
+        fid, ali = [], []
+        for template, ims in zip(self.cfg.prompts, images):
+            for im in ims:
+                fid.append(ev.fidelity(im, name))
+                ali.append(ev.alignment(im, template.format(sup)))
+        return {"fidelity": float(np.mean(fid)), "alignment": float(np.mean(ali)),
+                "fidelity_per_image": [round(x, 4) for x in fid], "alignment_per_image": [round(x, 4) for x in ali]}
+
+    def point(self, name: str, concepts: list, opts: dict, key: tuple | None = None) -> dict:
+        """cfg.prompts rendered with `concepts` applied (rendering.Applied options `opts`), scored. A `key` names
+        a render that several parts make (the same concept, options, prompts and seeds give the same images):
+        it is made once."""
+        from ..rendering import Applied
+
+        if key is not None and (name, key) in self._points:
+            return self._points[(name, key)]
+        with Applied(self.base.pipe, concepts, self.cov.C, **opts) as applied:
+            prompts = [p.format(WORD) for p in self.cfg.prompts]
+            point = self.score(name, self.images(self.applied_call(applied), prompts))
+        if key is not None:
+            self._points[(name, key)] = point
+        return point
+
+    def base_point(self, name: str) -> dict:
+        """The base model's own renders of cfg.prompts with the supercategory word: a reference point."""
+        from ..toyworld import world as tw
+
+        sup = tw.INSTANCES_BY_NAME[name].supercategory
+        return self.score(name, self.images(self.base_call(), [p.format(sup) for p in self.cfg.prompts]))
+
+    def info(self) -> dict:
+        """What every part's report says about where and with what it ran."""
+        from .speed import machine_info
+
+        return {"config": {**asdict(self.cfg), "instances": self.names}, "machine": machine_info(self.base.device),
+                "model": self.base.id}
+
+
+def perfusion_key(beta: float, tau: float) -> tuple:
+    """Bench.point key of the plain Perfusion concept rendered at (β, τ): the methods part's curve and the
+    ablations' reference point and bias curve share these renders."""
+    return ("perfusion", float(beta), float(tau))
+
+
 def run_quality(config: QualityConfig | None = None, progress: Callable[[str, int, int], None] | None = None,
-                on_event: Callable[[str], None] | None = None) -> dict:
-    """Train, render and score everything; returns the report (JSON-ready dict)."""
-    from .. import covariance, models
-    from ..edit import inverse_covariance
-    from ..images import load_photos
-    from ..methods import recipe, train_baseline
-    from ..rendering import Applied, Gate
-    from ..toyworld import evaluate as ev
-    from ..toyworld import world as tw
-    from ..toyworld.demo import write_photos
-    from ..training import TrainConfig, Trainer
-    from ..concept import ConceptSet, to_bytes
-    from .speed import machine_info
+                on_event: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """Run the configured parts (cfg.parts, in PARTS order); returns {part: its report (JSON-ready dict)}."""
+    from . import ablations, pairs
 
     cfg = config or QualityConfig()
     check_config(cfg)
-    progress = progress or (lambda *a: None)
-    say = on_event or (lambda m: None)
-    names = instance_names(cfg.instances)
-    t_start = time.perf_counter()
-    say("loading the toy base model")
-    base = models.load("toyworld", device=cfg.device, dtype="fp32")
-    cov = covariance.for_model(base)
-    C_inv = inverse_covariance(cov.C)
-    render = base.profile.render or {}
-    kw = dict(height=base.resolution, width=base.resolution, output_type="np",
-              num_inference_steps=cfg.render_steps or int(render.get("steps", 30)),
-              guidance_scale=float(render.get("cfg", 4.0)))
-    models.set_sampler(base.pipe, render.get("sampler", "ddim"))
-    word = "myconcept"   # the concept word in prompts (a new word for the toy tokenizer)
-    n_prompts = len(cfg.prompts)
+    bench = Bench(cfg, progress or (lambda *a: None), on_event or (lambda m: None))
+    runners = {"methods": run_methods, "ablations": ablations.run_ablations, "pairs": pairs.run_pairs}
+    reports = {}
+    for part in PARTS:
+        if part in cfg.parts:
+            t = time.perf_counter()
+            reports[part] = {"benchmark": "perfusion bench quality", "part": part, "format_version": 1,
+                             **runners[part](bench), **bench.info()}
+            # this part's own time: concepts an earlier part of the run trained are not counted again
+            reports[part]["total_s"] = time.perf_counter() - t
+    return reports
 
-    def render_scores(call, instance, sup, prompt_word) -> tuple[list[float], list[float]]:
-        """Render every prompt (the concept written as prompt_word) with fixed seeds; score each image."""
-        fid, ali = [], []
-        for template in cfg.prompts:
-            gens = [torch.Generator("cpu").manual_seed(cfg.seed + s) for s in range(cfg.seeds)]
-            with torch.no_grad():
-                out = call(template.format(prompt_word), gens)
-            for im in (np.clip(out, 0, 1) * 255).round().astype(np.uint8):
-                fid.append(ev.fidelity(im, instance))
-                ali.append(ev.alignment(im, template.format(sup)))
-        return fid, ali
 
+# -- part 1: methods ----------------------------------------------------------------------------
+
+def _knob_points(bench: Bench, name: str, method: str, concept) -> list[tuple]:
+    """(knob value, concept, Applied options, Bench.point key) of each point of the method's curve."""
+    from ..rendering import Gate
+
+    cfg = bench.cfg
+    if method == "perfusion":
+        tau = concept.tensors.tau
+        return [(b, concept, {"gates": {WORD: Gate(b, tau)}}, perfusion_key(b, tau)) for b in cfg.biases]
+    if method == "lora":
+        return [(sc, concept, {"scales": {WORD: sc}}, None) for sc in cfg.lora_scales]
+    snaps = bench.snapshots[(name, method)]
+    return [(s, snaps[s], {}, None) for s in bench.step_knobs()]
+
+
+def run_methods(bench: Bench) -> dict:
+    """Every method's curve on every instance (the module docstring): the methods report's own fields."""
+    from ..concept import ConceptSet, to_bytes
+
+    cfg = bench.cfg
     results: dict[str, dict] = {}
     sizes: dict[str, list[int]] = {m: [] for m in cfg.methods}
     train_s: dict[str, list[float]] = {m: [] for m in cfg.methods}
-    import tempfile
-
-    for ii, name in enumerate(names):
-        instance = tw.INSTANCES_BY_NAME[name]
-        sup = instance.supercategory
-        with tempfile.TemporaryDirectory(prefix="perfusion-quality-") as d:
-            write_photos(name, cfg.photos, Path(d), cfg.seed)
-            photos = load_photos(d, base.resolution)
-        inst: dict[str, list[dict]] = {}
-        # the base model's own renders of the prompts with the supercategory: a reference point
-        f, a = render_scores(lambda p, g: base.pipe([p] * len(g), generator=g, **kw).images, instance, sup, sup)
-        inst["base model"] = [{"knob": None, "fidelity": float(np.mean(f)), "alignment": float(np.mean(a))}]
-        for mi, method in enumerate(cfg.methods):
-            stage = f"{name} ({ii + 1}/{len(names)}): {method}"
-            say(f"{stage}: training {cfg.steps} steps")
-            t = time.perf_counter()
-            points: list[tuple[float | None, object, dict]] = []   # (knob value, concept, gates/scales)
-            if method == "perfusion":
-                tr = Trainer(base, word, sup, C_inv, TrainConfig(steps=cfg.steps, batch_size=4, grad_accum=1,
-                                                                  seed=cfg.seed, checkpoint_every=0))
-                concept = tr.fit(photos, progress=lambda p: progress(stage, p.step, p.steps))
-                points = [(b, concept, {"gates": {word: Gate(b, concept.tensors.tau)}}) for b in cfg.biases]
-            else:
-                snaps: dict[int, object] = {}
-                want = sorted({max(1, round(fr * cfg.steps)) for fr in cfg.step_fractions})
-                mcfg = recipe(method, steps=cfg.steps, batch_size=4, seed=cfg.seed)
-                concept = train_baseline(base, word, sup, photos, mcfg,
-                                         progress=lambda p: progress(stage, p.step, p.steps),
-                                         snapshots=tuple(want), on_snapshot=lambda s, c: snaps.__setitem__(s, c))
-                snaps[cfg.steps] = concept
-                if method == "lora":
-                    points = [(sc, concept, {"scales": {word: sc}}) for sc in cfg.lora_scales]
-                else:
-                    points = [(s, snaps[s], {}) for s in want]
-            train_s[method].append(time.perf_counter() - t)
-            cs = ConceptSet(name=word, concepts=[concept], base_model={"id": base.id}, covariance=cov.info)
+    for ii, name in enumerate(bench.names):
+        inst = {"base model": [{"knob": None, **_means(bench.base_point(name))}]}
+        for method in cfg.methods:
+            stage = f"{name} ({ii + 1}/{len(bench.names)}): {method}"
+            concept = bench.concept(name, method, stage)
+            train_s[method].append(bench.train_seconds[(name, method)])
+            cs = ConceptSet(name=WORD, concepts=[concept], base_model={"id": bench.base.id},
+                            covariance=bench.cov.info)
             sizes[method].append(len(to_bytes(cs, torch.float16)))
+            points = _knob_points(bench, name, method, concept)
             curve = []
-            for k, (knob, c, opts) in enumerate(points):
-                progress(f"{stage}: rendering", k, len(points))
-                with Applied(base.pipe, [c], cov.C, **opts) as applied:
-                    f, a = render_scores(lambda p, g: applied([p] * len(g), generator=g, **kw).images, instance, sup,
-                                         word)
-                curve.append({"knob": knob, "fidelity": float(np.mean(f)), "alignment": float(np.mean(a)),
-                              "fidelity_per_image": [round(x, 4) for x in f],
-                              "alignment_per_image": [round(x, 4) for x in a]})
-            progress(f"{stage}: rendering", len(points), len(points))
+            for k, (knob, c, opts, key) in enumerate(points):
+                bench.progress(f"{stage}: rendering", k, len(points))
+                curve.append({"knob": knob, **bench.point(name, [c], opts, key)})
+            bench.progress(f"{stage}: rendering", len(points), len(points))
             inst[method] = curve
+            bench.release(name, method)
         results[name] = inst
-
     mean = _mean_curves(results, cfg.methods)
     claim = {m: dominance(mean["perfusion"], mean[m]) for m in cfg.methods if m != "perfusion" and "perfusion" in mean}
     per_instance_claim = {n: {m: dominance(r["perfusion"], r[m]) for m in cfg.methods if m != "perfusion"}
                           for n, r in results.items() if "perfusion" in r}
     return {
-        "benchmark": "perfusion bench quality", "format_version": 1,
-        "config": {**asdict(cfg), "instances": names},
         "knobs": {"perfusion": "gate bias", "lora": "LoRA scale", "ti": "training steps",
                   "dreambooth": "training steps", "custom-diffusion": "training steps"},
-        "images_per_point": n_prompts * cfg.seeds,
+        "images_per_point": len(cfg.prompts) * cfg.seeds,
         "results": results, "mean": mean, "claim_perfusion_at_or_above": claim,
         "claim_per_instance": per_instance_claim,
         "file_bytes": {m: int(np.mean(v)) for m, v in sizes.items() if v},
         "train_seconds": {m: float(np.mean(v)) for m, v in train_s.items() if v},
-        "machine": machine_info(base.device), "model": base.id, "total_s": time.perf_counter() - t_start,
     }
+
+
+def _means(point: dict) -> dict:
+    return {"fidelity": point["fidelity"], "alignment": point["alignment"]}
 
 
 def _mean_curves(results: dict, methods) -> dict:
@@ -261,6 +433,14 @@ def pareto(perfusion: list[dict], other: list[dict]) -> dict:
 def plot(report: dict, size: tuple[int, int] = (760, 560)) -> np.ndarray:
     """Fidelity (y) against alignment (x): one curve per method (mean over instances), the base model's
     point, axes with ticks; drawn with PIL (no plotting library needed)."""
+    return draw_curves(report["mean"], COLOURS, size)
+
+
+def draw_curves(curves: dict[str, list[dict]], colours: dict[str, tuple], size: tuple[int, int] = (760, 560),
+                links: tuple[tuple[str, str], ...] = ()) -> np.ndarray:
+    """Fidelity (y) against alignment (x) of named curves (lists of {"alignment", "fidelity", "knob"}; a
+    one-point curve is a point), each in its colour and in the legend; `links` (from, to) draws a thin line
+    from the first point of one curve to the first of another (an ablation from its reference)."""
     from PIL import Image, ImageDraw, ImageFont
 
     W, H = size
@@ -268,7 +448,7 @@ def plot(report: dict, size: tuple[int, int] = (760, 560)) -> np.ndarray:
     d = ImageDraw.Draw(img)
     font = ImageFont.load_default()
     left, right, top, bottom = 70, W - 170, 30, H - 50
-    pts = [p for curve in report["mean"].values() for p in curve]
+    pts = [p for curve in curves.values() for p in curve]
     xa = [p["alignment"] for p in pts]
     ya = [p["fidelity"] for p in pts]
     x0, x1 = max(0.0, min(xa) - 0.05), min(1.0, max(xa) + 0.05)
@@ -291,19 +471,23 @@ def plot(report: dict, size: tuple[int, int] = (760, 560)) -> np.ndarray:
     d.text(((left + right) // 2 - 80, H - 22), "alignment (prompt, concept read as its class)", fill=(0, 0, 0),
            font=font)
     d.text((8, top - 22), "fidelity (to the instance's photos)", fill=(0, 0, 0), font=font)
-    ly = top
-    for m, curve in report["mean"].items():
-        col = COLOURS.get(m, (0, 0, 0))
-        xy = sorted((X(p["alignment"]), Y(p["fidelity"]), p["knob"]) for p in curve)
+    for a, b in links:
+        pa, pb = curves[a][0], curves[b][0]
+        d.line([X(pa["alignment"]), Y(pa["fidelity"]), X(pb["alignment"]), Y(pb["fidelity"])],
+               fill=colours.get(b, (0, 0, 0)), width=1)
+    for m, curve in reversed(curves.items()):   # the first curve drawn last: on top where points coincide
+        col = colours.get(m, (0, 0, 0))
+        xy = sorted(((X(p["alignment"]), Y(p["fidelity"]), p["knob"]) for p in curve), key=lambda t: t[:2])
         if len(xy) > 1:
             d.line([(x, y) for x, y, _ in xy], fill=col, width=2)
         for x, y, knob in xy:
             d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=col)
-            if knob is not None:
+            if isinstance(knob, (int, float)):
                 d.text((x + 5, y - 12), f"{knob:g}", fill=col, font=font)
-        d.line([right + 15, ly + 6, right + 35, ly + 6], fill=col, width=3)
+    for k, m in enumerate(curves):
+        ly = top + 16 * k
+        d.line([right + 15, ly + 6, right + 35, ly + 6], fill=colours.get(m, (0, 0, 0)), width=3)
         d.text((right + 40, ly), m, fill=(0, 0, 0), font=font)
-        ly += 16
     return np.asarray(img)
 
 
@@ -319,7 +503,7 @@ def markdown(report: dict) -> str:
         a("")
     a(f"Measured {m['date']} on {m.get('cpu')} ({m.get('cpu_cores')} cores"
       + (f", {m['accelerator']['name']}" if m.get("accelerator") else "") + f"), {report['total_s'] / 60:.1f} min "
-      f"in all, with the bundled toy model `{report['model']}` (docs/toyworld.md). Instances: "
+      f"for this part, with the bundled toy model `{report['model']}` (docs/toyworld.md). Instances: "
       f"{', '.join(c['instances'])}; {len(c['prompts'])} prompts × {c['seeds']} seeds = "
       f"{report['images_per_point']} images per point; every method trained {c['steps']} steps on the same "
       f"{c['photos']} photos (recipes: docs/methods.md).")
@@ -370,13 +554,29 @@ def markdown(report: dict) -> str:
                             + f"{p['alignment']:.3f}, {p['fidelity']:.3f}" for p in curve)
             a(f"| {meth} | {pts} |")
         a("")
+    others = [f"[{label}]({report_stem(part, c.get('quick'))}.md)" for part, label in
+              (("ablations", "ablations"), ("pairs", "several concepts in one image")) if part in c.get("parts", ())]
+    if others:
+        a("Other parts of this benchmark: " + ", ".join(others) + ".")
+        a("")
     a("## Reproduce")
     a("")
     a("```bash")
-    a("perfusion bench quality" + (" --quick" if c.get("quick") else f" --instances {','.join(c['instances'])}"))
+    a(reproduce(c, "methods"))
     a("```")
     a("")
     return "\n".join(L)
+
+
+def reproduce(config: dict, part: str) -> str:
+    """The command that makes this part's report again."""
+    where = " --quick" if config.get("quick") else f" --instances {','.join(config['instances'])}"
+    return f"perfusion bench quality{where} --parts {part}"
+
+
+def report_stem(part: str, quick: bool) -> str:
+    """File name (without suffix) of a part's report: quality, quality-ablations, quality-pairs (+ -quick)."""
+    return ("quality" if part == "methods" else f"quality-{part}") + ("-quick" if quick else "")
 
 
 def _bytes(n: int) -> str:
@@ -386,24 +586,56 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
-def write_reports(report: dict, out) -> tuple[Path, Path, Path]:
+def write_reports(report: dict, out) -> tuple[Path, ...]:
+    """Write one part's report as <stem>.json, .md and (methods, ablations) .png; returns the paths written."""
     from PIL import Image
 
     from ..rendering import write_atomic
+    from . import ablations, pairs
 
+    part = report.get("part", "methods")
+    text_of, plot_of = {"methods": (markdown, plot), "ablations": (ablations.markdown, ablations.plot),
+                        "pairs": (pairs.markdown, None)}[part]
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PerfusionError(f"cannot create {out}: {e.strerror or e}; pass another --out") from None
-    stem = "quality-quick" if report["config"].get("quick") else "quality"
+    stem = report_stem(part, report["config"].get("quick"))
     md, js, png = out / f"{stem}.md", out / f"{stem}.json", out / f"{stem}.png"
     write_atomic(js, (json.dumps(report, indent=1, default=str) + "\n").encode())
-    text = markdown(report).replace("](quality.png)", f"]({png.name})")
-    write_atomic(md, text.encode())
+    # the Markdown names the plain file names; a quick run's files are *-quick
+    write_atomic(md, markdown_text(text_of(report), report).encode())
+    if plot_of is None:
+        return md, js
     import io
 
     buf = io.BytesIO()
-    Image.fromarray(plot(report)).save(buf, format="PNG")
+    Image.fromarray(plot_of(report)).save(buf, format="PNG")
     write_atomic(png, buf.getvalue())
     return md, js, png
+
+
+def markdown_text(text: str, report: dict) -> str:
+    part, quick = report.get("part", "methods"), report["config"].get("quick")
+    return text.replace(f"]({report_stem(part, False)}.png)", f"]({report_stem(part, quick)}.png)")
+
+
+def write_all(reports: dict[str, dict], out) -> list[Path]:
+    """Every part's report (run_quality's result) into folder `out`; the paths written, in order."""
+    return [p for part in PARTS if part in reports for p in write_reports(reports[part], out)]
+
+
+def summary_lines(reports: dict[str, dict]) -> list[str]:
+    """One line per headline result, for the person at the terminal."""
+    lines = []
+    for m, r in reports.get("methods", {}).get("claim_perfusion_at_or_above", {}).items():
+        share = "n/a" if r["share"] is None else f"{r['share']:.0%}"
+        lines.append(f"Perfusion at or above {m} at {r['at_or_above']} of {r['matched']} matched points ({share})")
+    for vid, dl in reports.get("ablations", {}).get("delta", {}).items():
+        lines.append(f"ablation {vid}: alignment {dl['alignment']:+.3f}, fidelity {dl['fidelity']:+.3f} "
+                     "against plain Perfusion")
+    for combo, r in reports.get("pairs", {}).get("claim", {}).items():
+        lines.append(f"pairs, {combo}: both concepts recognised in {r['both_recognised']:.0%} of images "
+                     f"(goal ≥ {r['goal']:.0%}: {'met' if r['met'] else 'missed'})")
+    return lines

@@ -62,35 +62,45 @@ def speed(
 def quality(
     instances: str = typer.Option("reporting", "--instances", help="reporting, development, or instance names (comma-separated)."),
     methods: str = typer.Option(",".join(("perfusion", "ti", "dreambooth", "lora", "custom-diffusion")), "--methods", help="Methods to compare (comma-separated)."),
+    parts: str = typer.Option(None, "--parts", help="Parts to run (comma-separated) [all]: methods (every method's curve: quality.*), ablations (Perfusion's design choices: quality-ablations.*), pairs (two concepts in one image: quality-pairs.*). Each writes its own files; a part trains the concepts it needs."),
+    ablations: str = typer.Option(None, "--ablations", help="The ablations part's variants (comma-separated) [all]: no-key-lock, rome, mask, one-photo, global-lock, train-beta."),
     steps: int = typer.Option(400, "--steps", help="Training steps of every method."),
     seeds: int = typer.Option(2, "--seeds", help="Images per prompt and knob value."),
     quick: bool = typer.Option(False, "--quick", help="One instance, tiny settings (CI: keeps the code path alive; the numbers mean nothing)."),
-    out: Path = typer.Option(Path("docs/benchmarks"), "-o", "--out", help="Folder for quality.md / .json / .png (quality-quick.* with --quick)."),
+    out: Path = typer.Option(Path("docs/benchmarks"), "-o", "--out", help="Folder for the reports: quality.*, quality-ablations.*, quality-pairs.* (*-quick.* with --quick)."),
     device: str = typer.Option("cpu", "--device", help="cpu (the toy world is sized for it), auto, cuda or mps."),
-    json_out: bool = typer.Option(False, "--json", help="Print the JSON report on stdout instead of the paths."),
+    json_out: bool = typer.Option(False, "--json", help="Print the JSON reports ({part: report}) on stdout instead of the paths."),
 ):
-    """Perfusion against TI, DreamBooth, LoRA and Custom Diffusion on the toy world: fidelity vs alignment."""
-    from ..bench.quality import QualityConfig, run_quality, write_reports
+    """Perfusion against TI, DreamBooth, LoRA and Custom Diffusion on the toy world (fidelity vs alignment), its
+    ablations, and two concepts in one image."""
+    from ..bench.quality import QualityConfig, run_quality, summary_lines, write_all
 
-    names = tuple(n.strip() for n in instances.split(",") if n.strip())
+    names = _names(instances)
     spec = names[0] if len(names) == 1 and names[0] in ("reporting", "development", "dev") else names
-    meths = tuple(m.strip().lower() for m in methods.split(",") if m.strip())
+    over = {"methods": _names(methods, lower=True)}
+    if parts is not None:
+        over["parts"] = _names(parts, lower=True)
+    if ablations is not None:
+        over["ablations"] = _names(ablations, lower=True)
     if quick:
-        over = {"methods": meths, "device": device}
         if instances != "reporting":
             over["instances"] = spec
-        cfg = QualityConfig.quick_config(**over)
+        cfg = QualityConfig.quick_config(device=device, **over)
     else:
-        cfg = QualityConfig(instances=spec, methods=meths, steps=steps, seeds=seeds, device=device)
+        cfg = QualityConfig(instances=spec, steps=steps, seeds=seeds, device=device, **over)
     with progress_bar() as bar:
         on_progress = stage_progress(bar)
-        report = run_quality(cfg, progress=on_progress, on_event=event)
-    paths = write_reports(report, out)
-    for m, r in report["claim_perfusion_at_or_above"].items():
-        share = "n/a" if r["share"] is None else f"{r['share']:.0%}"
-        say(f"Perfusion at or above {m} at {r['at_or_above']} of {r['matched']} matched points ({share})")
+        reports = run_quality(cfg, progress=on_progress, on_event=event)
+    paths = write_all(reports, out)
+    for line in summary_lines(reports):
+        say(line)
     if json_out:
-        emit_json({"written": [str(p) for p in paths], **report})
+        emit_json({"written": [str(p) for p in paths], **reports})
     else:
         for p in paths:
             typer.echo(str(p))
+
+
+def _names(value: str, lower: bool = False) -> tuple[str, ...]:
+    """'a, b,,c' -> ('a', 'b', 'c')."""
+    return tuple((n.strip().lower() if lower else n.strip()) for n in value.split(",") if n.strip())

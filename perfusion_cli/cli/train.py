@@ -36,6 +36,7 @@ def train(
     validate_every: int = typer.Option(0, "--validate-every", help="Write sample renders every N steps (0: never)."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
     low_memory: bool = typer.Option(False, "--low-memory", help="Gradient checkpointing in the UNet: less GPU memory, slower."),
+    no_key_lock: bool = typer.Option(False, "--no-key-lock", help="Train the key targets o*_K too instead of locking them to the supercategory's: the paper's ablation, which does worse (PERFUSION.md §4); for comparisons only."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing concept of that name."),
     fp32: bool = typer.Option(False, "--fp32", help="Store the concept in fp32 (default fp16)."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON record instead of the path."),
@@ -57,7 +58,7 @@ def train(
         lr_embedding=lr_embedding, lr_value=lr_value, train_beta=train_beta, train_tau=train_tau,
         render_beta=beta, render_tau=tau, flip=flip, mask=mask, seed=seed,
         checkpoint_every=checkpoint_every, validate_every=validate_every, templates=list(template or []),
-        gradient_checkpointing=low_memory,
+        gradient_checkpointing=low_memory, lock_keys=not no_key_lock,
     )
     method = method.strip().lower()
     method_config = None
@@ -66,8 +67,9 @@ def train(
 
         if method not in methods.BASELINES:
             fail(f"unknown --method {method!r}; choose one of: {', '.join(methods.METHODS)}")
-        if resume or mask != "none" or low_memory:
-            fail(f"--resume, --mask and --low-memory are Perfusion options; --method {method} does not take them")
+        if resume or mask != "none" or low_memory or no_key_lock:
+            fail(f"--resume, --mask, --low-memory and --no-key-lock are Perfusion options; --method {method} does "
+                 "not take them")
         over = {k: v for k, v in (("steps", steps), ("lr", lr)) if v is not None}
         if batch_size is not None:
             over["batch_size"] = batch_size

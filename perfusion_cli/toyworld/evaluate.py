@@ -9,6 +9,8 @@
   the agreement of the object kinds, the similarity of colour histograms of the objects' pixels over
   the world's palette, of the layout of those colours in the objects' normalised bounding boxes (either
   facing), and the presence of the references' minor "signature" colours (the instance's extras).
+* `recognition(image, instance)`: is the instance recognised, i.e. is the object that best matches it matched to
+  it better than to every other instance (instance-retrieval top-1, per object: works with several instances).
 * `validate(...)`: retrieval accuracies against ground truth on held-out renders, clean and degraded.
 
 How an image is read (`perceive`)
@@ -61,7 +63,8 @@ from .world import (
 )
 
 __all__ = [
-    "alignment", "alignment_details", "fidelity", "fidelity_details", "validate", "perceive", "perceive_batch",
+    "alignment", "alignment_details", "fidelity", "fidelity_details", "recognition", "validate", "perceive",
+    "perceive_batch",
     "parse_caption", "Phrase", "Claim", "claim_is_true", "distractors", "validation_scenes", "instance_renders",
     "degrade", "describe", "colour_share", "colour_presence", "texture_features", "train_perceiver",
     "save_weights", "WEIGHTS_FILE", "TRAIN_BACKGROUNDS", "HELD_OUT_BACKGROUNDS", "CHANGES", "PALETTE",
@@ -1255,6 +1258,34 @@ def fidelity(image, instance, reference_images=None) -> float:
     colour-histogram similarity, layout similarity and signature-colour presence, best over the objects
     found in the image (0 if none)."""
     return fidelity_details(image, instance, reference_images)["score"]
+
+
+def recognition(image, instance, candidates=None) -> dict:
+    """Is `instance` (a name of INSTANCES) recognised in the image? The object that best matches its reference
+    photos (the one fidelity() scores) must match them strictly better than it matches every other candidate
+    instance's (default: all of INSTANCES). On an image of one object this is exactly the instance-retrieval
+    top-1 that validate() measures the evaluator with (≥ 0.97 on degraded renders); read per object it also
+    works for an image of several instances: two instances are both recognised only in two distinct objects
+    (an object recognised as A matches A better than B, so it cannot be the one recognised as B).
+
+    Returns {"recognised": bool, "score": the fidelity of that object (= fidelity(image, instance)),
+    "best_other": the candidate it matches next best, "margin": its score minus that candidate's}."""
+    name = instance.name if isinstance(instance, Instance) else str(instance)
+    if name not in W.INSTANCES_BY_NAME:
+        raise ValueError(f"unknown instance {name!r}; instances: {[i.name for i in INSTANCES]}")
+    p = perceive(image)
+    objs = [o for o in p.objects if o.existence >= MIN_EXISTENCE]
+    ref = _instance_reference(name)
+    scored = [(_similarity(d, ref)["score"], d) for d in (describe(p, o) for o in objs)]
+    if not scored:
+        return {"recognised": False, "score": 0.0, "best_other": None, "margin": None}
+    score, desc = max(scored, key=lambda t: t[0])
+    others = [c for c in (candidates or [i.name for i in INSTANCES]) if c != name]
+    rival = {c: _similarity(desc, _instance_reference(c))["score"] for c in others}
+    best = max(rival, key=rival.get) if rival else None
+    margin = score - rival[best] if best else float("inf")
+    return {"recognised": bool(margin > 1e-9), "score": float(score), "best_other": best,
+            "margin": float(margin)}
 
 
 # ------------------------------------------------------------------------------------------------
