@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .quality import WORD, Bench, draw_curves, perfusion_key, reproduce
+from .quality import WORD, Bench, draw_curves, header, measured, perfusion_key, reproduce
 
 # what each ablation changes, and what PERFUSION.md says to expect ("" where it says nothing)
 ABOUT = {
@@ -149,16 +149,11 @@ def plot(report: dict) -> np.ndarray:
 
 
 def markdown(report: dict) -> str:
-    c, m, ref = report["config"], report["machine"], report["reference"]
+    c, ref = report["config"], report["reference"]
     L: list[str] = []
     a = L.append
-    a("# Ablations of Perfusion (toy world)")
-    a("")
-    if c.get("quick"):
-        a("**Quick mode** (CI): one instance and tiny settings, to keep the code path alive. The numbers mean nothing.")
-        a("")
-    a(f"Measured {m['date']} on {m.get('cpu')} ({m.get('cpu_cores')} cores), {report['total_s'] / 60:.1f} min for "
-      f"this part, with the bundled toy model `{report['model']}`. Instances: {', '.join(c['instances'])}. Each "
+    L += header("Ablations of Perfusion (toy world)", report)
+    a(f"{measured(report)} Instances: {', '.join(c['instances'])}. Each "
       "variant changes one thing against the plain Perfusion concept of the same instance (trained once, shared "
       f"with the methods part) and is rendered at its concept's default gate (β {ref['beta']:g}, "
       f"τ {ref['tau']:g}), {len(c['prompts'])} prompts × {c['seeds']} seeds = {report['images_per_point']} "

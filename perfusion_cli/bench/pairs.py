@@ -27,7 +27,7 @@ from itertools import combinations as all_pairs
 
 import numpy as np
 
-from .quality import Bench, reproduce
+from .quality import Bench, header, measured, reproduce
 
 WORDS = ("myconcepta", "myconceptb")
 GOAL = 0.7
@@ -139,17 +139,12 @@ def _row(label: str, r: dict, goal: str | None = None) -> str:
 
 
 def markdown(report: dict) -> str:
-    c, m = report["config"], report["machine"]
+    c = report["config"]
     labels = {"base model": "base model (supercategory words)", **{x["id"]: x["label"] for x in report["combinations"]}}
     L: list[str] = []
     a = L.append
-    a("# Two concepts in one image (toy world)")
-    a("")
-    if c.get("quick"):
-        a("**Quick mode** (CI): tiny settings, to keep the code path alive. The numbers mean nothing.")
-        a("")
-    a(f"Measured {m['date']} on {m.get('cpu')} ({m.get('cpu_cores')} cores), {report['total_s'] / 60:.1f} min for "
-      f"this part, with the bundled toy model `{report['model']}`. Pairs (A + B): "
+    L += header("Two concepts in one image (toy world)", report)
+    a(f"{measured(report)} Pairs (A + B): "
       f"{', '.join(' + '.join(p) for p in report['pairs'])}. Each concept was trained alone on its instance's "
       f"{c['photos']} photos ({c['steps']} steps; the concepts of the other parts, reused), given its own word "
       f"({' / '.join(report['words'])}), then applied together with the other; {len(c['pair_prompts'])} prompts × "

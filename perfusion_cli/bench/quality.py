@@ -491,19 +491,30 @@ def draw_curves(curves: dict[str, list[dict]], colours: dict[str, tuple], size: 
     return np.asarray(img)
 
 
+def header(title: str, report: dict) -> list[str]:
+    """The opening lines every part's report shares: title, and the quick-mode warning where it applies."""
+    lines = [f"# {title}", ""]
+    if report["config"].get("quick"):
+        lines += ["**Quick mode** (CI): tiny settings, to keep the code path alive. The numbers mean nothing.", ""]
+    return lines
+
+
+def measured(report: dict) -> str:
+    """"Measured <date> on <machine>, <minutes> for this part, with the bundled toy model <id>." (every part)"""
+    m = report["machine"]
+    return (f"Measured {m['date']} on {m.get('cpu')} ({m.get('cpu_cores')} cores"
+            + (f", {m['accelerator']['name']}" if m.get("accelerator") else "")
+            + f"), {report['total_s'] / 60:.1f} min for this part, with the bundled toy model `{report['model']}` "
+            "(docs/toyworld.md).")
+
+
 def markdown(report: dict) -> str:
-    c, m = report["config"], report["machine"]
-    L = []
+    c = report["config"]
+    L: list[str] = []
     a = L.append
-    a("# Quality: Perfusion against Textual Inversion, DreamBooth, LoRA and Custom Diffusion (toy world)")
-    a("")
-    if c.get("quick"):
-        a("**Quick mode** (CI): one instance and tiny settings, to keep the code path alive. The numbers mean "
-          "nothing.")
-        a("")
-    a(f"Measured {m['date']} on {m.get('cpu')} ({m.get('cpu_cores')} cores"
-      + (f", {m['accelerator']['name']}" if m.get("accelerator") else "") + f"), {report['total_s'] / 60:.1f} min "
-      f"for this part, with the bundled toy model `{report['model']}` (docs/toyworld.md). Instances: "
+    L += header("Quality: Perfusion against Textual Inversion, DreamBooth, LoRA and Custom Diffusion (toy world)",
+                report)
+    a(f"{measured(report)} Instances: "
       f"{', '.join(c['instances'])}; {len(c['prompts'])} prompts × {c['seeds']} seeds = "
       f"{report['images_per_point']} images per point; every method trained {c['steps']} steps on the same "
       f"{c['photos']} photos (recipes: docs/methods.md).")
