@@ -238,10 +238,13 @@ def render(
     progress: Callable[[int, int], None] | None = None,
     on_event: Events = _quiet,
     defaults_from_profile: bool = True,
+    scale: float | None = None,
+    scales: dict[str, float] | None = None,
 ) -> list[Written]:
     """Render prompts (which may name concepts) to PNG files in `out`; returns what was written.
 
-    `beta`/`tau` set every concept's gate; `gates` set single concepts (they win).
+    `beta`/`tau` set every concept's gate; `gates` set single concepts (they win). `scale`/`scales` do the
+    same for the strength of weight-based baselines (LoRA, DreamBooth, Custom Diffusion; 1 = as trained).
     Without `model`, the base model is the one the named concepts were trained on.
     """
     reg = registry or Registry()
@@ -267,6 +270,7 @@ def render(
     unknown = set(gates or {}) - set(res.concepts)
     if unknown:
         raise PerfusionError(f"--bias/--temperature name {', '.join(sorted(unknown))}, which no prompt uses")
+    all_scales = weight_scales(res.concepts, scale, scales)
     rank, world, local_rank = process_share()
     if world > 1:
         if settings.seed is None:
@@ -310,7 +314,32 @@ def render(
         on_event(f"process {rank + 1} of {world}: {len(jobs)} image(s)")
     model_info = {"id": base.id, "fingerprint": fp}
     return render_jobs(base.pipe, jobs, res.concepts, C, settings, Path(out), model_info, res.hashes,
-                       all_gates, progress)
+                       all_gates, progress, all_scales)
+
+
+SCALE_RANGE = (0.0, 4.0)   # a LoRA scale above ~2 only overdrives the weights; 0 removes the concept's effect
+
+
+def weight_scales(concepts: dict, scale: float | None, scales: dict[str, float] | None) -> dict[str, float]:
+    """Per-concept strength of the weight-based baselines named in the prompts (`--scale`), checked: a
+    Perfusion concept's knob is its gate (--bias), Textual Inversion has no weights to scale."""
+    scales = dict(scales or {})
+    for v in ([scale] if scale is not None else []) + list(scales.values()):
+        if not SCALE_RANGE[0] <= v <= SCALE_RANGE[1]:
+            raise PerfusionError(f"--scale must be between {SCALE_RANGE[0]:g} and {SCALE_RANGE[1]:g}, got {v:g}")
+    scalable = {n for n, c in concepts.items() if not c.is_perfusion and c.weights}
+    for n in scales:
+        c = concepts.get(n)
+        if c is None:
+            raise PerfusionError(f"--scale name {n!r}, which no prompt uses (prompts use: "
+                                 f"{', '.join(concepts) or 'no concept'})")
+        if n not in scalable:
+            hint = "use --bias for a Perfusion concept" if c.is_perfusion else "it has no weights to scale"
+            raise PerfusionError(f"--scale {n!r}: a {c.method} concept has no scale ({hint})")
+    if scale is not None and not scalable:
+        raise PerfusionError("--scale: no prompt names a LoRA, DreamBooth or Custom Diffusion concept "
+                             "(Perfusion concepts take --bias)")
+    return {n: scales.get(n, 1.0 if scale is None else scale) for n in scalable}
 
 
 # -- combine ----------------------------------------------------------------------------------

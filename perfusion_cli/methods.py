@@ -96,7 +96,8 @@ def kv_modules(unet: nn.Module) -> dict[str, nn.Linear]:
 
 
 class AppliedWeights:
-    """A baseline's weights on a UNet. lora: {module: (down (r, in), up (out, r))} scaled by `scale`;
+    """A baseline's weights on a UNet, each scaled by `scale` (1: as trained; 0: no effect), the LoRA scale and
+    its analogue for the others. lora: {module: (down (r, in), up (out, r))};
     deltas: {module: ΔW (out, in)} added through wrappers; unet_deltas: {parameter: Δ} added in place.
     `remove()` restores the UNet exactly (wrappers deleted; in-place parameters copied back)."""
 
@@ -110,7 +111,7 @@ class AppliedWeights:
             for name, (down, up) in (lora or {}).items():
                 self._wrap(self._module(modules, name), lambda x, d=down, u=up: (x @ d.to(x).T) @ u.to(x).T * self.scale)
             for name, dw in (deltas or {}).items():
-                self._wrap(self._module(modules, name), lambda x, d=dw: x @ d.to(x).T)
+                self._wrap(self._module(modules, name), lambda x, d=dw: (x @ d.to(x).T) * self.scale)
             if unet_deltas:
                 params = dict(unet.named_parameters())
                 for name, d in unet_deltas.items():
@@ -121,7 +122,7 @@ class AppliedWeights:
                     for name, d in unet_deltas.items():
                         p = params[name]
                         self.saved[name] = p.detach().clone()
-                        p.add_(d.to(p.device, p.dtype))
+                        p.add_(d.to(p.device, p.dtype), alpha=scale)
         except Exception:
             self.remove()
             raise

@@ -326,11 +326,13 @@ def render_jobs(
     hashes: dict[str, str],
     gates: dict[str, Gate] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    scales: dict[str, float] | None = None,
 ) -> list[Written]:
     """Render `jobs`, grouping those that use the same concepts into pipeline batches.
 
     Concepts are applied per group only, so a prompt never carries a concept it does not name.
-    `progress(done, total)` counts denoising steps over all batches.
+    `scales`: weight-based baselines' strength by name (LoRA scale; 1 = as trained). `progress(done, total)`
+    counts denoising steps over all batches.
     """
     from .models import set_sampler
 
@@ -355,8 +357,8 @@ def render_jobs(
         return callback_kwargs
 
     for names, group in groups.items():
-        applied = Applied(pipe, [concepts[n] for n in names], C, gates, settings.exact, settings.global_lock) \
-            if names else None
+        applied = Applied(pipe, [concepts[n] for n in names], C, gates, settings.exact, settings.global_lock,
+                          scales=scales) if names else None
         plain = None if names else patching.attach(pipe.unet, cache=True)  # the K/V cache alone
         try:
             for start in range(0, len(group), settings.batch_size):
@@ -381,6 +383,8 @@ def render_jobs(
                         "method": concepts[n].method,
                         "beta": (applied.gates[n].beta if applied and n in applied.gates else None),
                         "tau": (applied.gates[n].tau if applied and n in applied.gates else None),
+                        "scale": (None if concepts[n].is_perfusion or not concepts[n].weights
+                                  else (scales or {}).get(n, 1.0)),
                         "sha256": hashes.get(n, ""),
                     } for n in job.concepts]
                     record = asdict(Written(path="", prompt=job.prompt, seed=job.seed, concepts=used,

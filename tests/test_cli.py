@@ -420,6 +420,9 @@ def test_damaged_concept_file(registry_with_concept, perfusion_home, trained_toy
     (["render", "a mybox", *TOY, "--bias", "1.5"], "--bias"),
     (["render", "a mybox", *TOY, "--bias", "abc"], "--bias"),
     (["render", "a mybox", *TOY, "--temperature", "0"], "--temperature"),
+    (["render", "a mybox", *TOY, "--scale", "mybox=0.5"], "use --bias for a Perfusion concept"),
+    (["render", "a mybox", *TOY, "--scale", "0.5"], "Perfusion concepts take --bias"),
+    (["render", "a mybox", *TOY, "--scale", "-1"], "--scale"),
 ])
 def test_invalid_numbers(registry_with_concept, perfusion_home, photos, tmp_path, args, phrase):
     args = [str(photos) if a == "PHOTOS" else a for a in args]

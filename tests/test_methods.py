@@ -87,6 +87,30 @@ def test_file_round_trip_apply_and_exact_removal(trained, toy_base, method, tmp_
     assert not any("forward" in m.__dict__ for m in pipe.unet.modules())
 
 
+@pytest.mark.parametrize("method", ["lora", "dreambooth", "custom-diffusion"])
+def test_scale_zero_is_the_embedding_alone_and_scale_moves_the_render(trained, toy_base, method):
+    """--scale s multiplies a baseline's weight change (LoRA's scale; ΔW for Custom Diffusion and DreamBooth):
+    at 0 only its token embedding acts, between 0 and 1 the render lies between, and the UNet is restored."""
+    from perfusion_cli.concept import Concept
+
+    c = trained[method]
+    pipe = toy_base.pipe
+    state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    renders = {}
+    for s in (0.0, 0.5, 1.0):
+        with Applied(pipe, [c], None, scales={"mything": s}) as a:
+            renders[s] = _render(a, "a mything on grass")
+    emb_only = Concept(name="mything", supercategory="house", tensors=None, embeddings=c.embeddings, method="ti")
+    with Applied(pipe, [emb_only], None) as a:
+        ident = _render(a, "a mything on grass")
+    np.testing.assert_allclose(renders[0.0], ident, atol=1e-5)
+    with Applied(pipe, [c], None) as a:
+        np.testing.assert_array_equal(_render(a, "a mything on grass"), renders[1.0])   # 1 = as trained
+    assert not np.array_equal(renders[0.5], renders[1.0]) and not np.allclose(renders[0.5], renders[0.0], atol=1e-5)
+    after = pipe.unet.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+
+
 def test_lora_scale_zero_is_the_identifier_alone(trained, toy_base):
     c = trained["lora"]
     pipe = toy_base.pipe
@@ -129,9 +153,18 @@ def test_cli_trains_lists_inspects_and_renders_a_baseline(photos, tmp_path):
     r = run("render", "a myhouse on grass", "-n", "1", "--seed", "1", "--steps", "2", "-o", str(out), "--json")
     assert r.exit_code == 0, r.output
     used = json.loads(r.stdout)[0]["concepts"][0]
-    assert used["method"] == "lora" and used["beta"] is None
+    assert used["method"] == "lora" and used["beta"] is None and used["scale"] == 1.0
+    for scale, want in (("0.5", 0.5), ("myhouse=0.25", 0.25)):
+        r = run("render", "a myhouse on grass", "-n", "1", "--seed", "1", "--steps", "2", "-o", str(out),
+                "--scale", scale, "--json")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)[0]["concepts"][0]["scale"] == want
     for args, msg in (
         (["render", "a myhouse on grass", "--bias", "myhouse=0.5", "-o", str(out)], "has no gate"),
+        (["render", "a myhouse on grass", "--scale", "myhouse=5", "-o", str(out)], "--scale"),
+        (["render", "a myhouse on grass", "--scale", "other=0.5", "-o", str(out)], "which no prompt uses"),
+        (["render", "a house on grass", "--scale", "0.5", "-o", str(out)], "no prompt names a LoRA"),
+        (["render", "a myhouse on grass", "--scale", "x", "-o", str(out)], "expected a number"),
         (["combine", "myhouse", "myhouse", "--name", "two"], ""),
         (["train", str(photos), "--super", "house", "--name", "other", "--model", "toyworld", "--method", "hyper"],
          "unknown --method"),

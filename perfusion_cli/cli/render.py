@@ -34,6 +34,7 @@ def render(
     prompts_file: str = typer.Option(None, "--prompts", help="File with one prompt per line, or - for stdin."),
     bias: list[str] = typer.Option(None, "--bias", help="Gate bias β in [0,1]: global, or NAME=VALUE (repeatable). Lower: more concept."),
     temperature: list[str] = typer.Option(None, "--temperature", help="Gate temperature τ: global or NAME=VALUE."),
+    scale: list[str] = typer.Option(None, "--scale", help="Strength of LoRA / DreamBooth / Custom Diffusion concepts (1 = as trained): global or NAME=VALUE, 0-4."),
     global_lock: bool = typer.Option(False, "--global-lock", help="Keys read the whole prompt with supercategory words (try --bias 0.4-0.6)."),
     approximate: bool = typer.Option(False, "--approximate", help="Sum concepts' edits instead of the exact orthogonal combination."),
     n: int = typer.Option(1, "-n", "--images", help="Images per prompt."),
@@ -64,6 +65,7 @@ def render(
             fail(f"{label} must be positive, got {value}")
     g_beta, n_beta = parse_named(bias, "--bias", 0.0, 1.0)
     g_tau, n_tau = parse_named(temperature, "--temperature", 0.0, 1.0, lo_open=True)
+    g_scale, n_scale = parse_named(scale, "--scale", *api.SCALE_RANGE)
     gates = {}
     settings = RenderSettings(
         steps=steps or 0, cfg=cfg, negative=negative, height=height or 0, width=width or 0,
@@ -96,7 +98,7 @@ def render(
         written = api.render(
             prompts, out=out, model=model_option(model), device=device_option(device), dtype=dtype,
             settings=settings, gates=gates, beta=g_beta, tau=g_tau, registry=reg,
-            progress=on_progress, on_event=event,
+            progress=on_progress, on_event=event, scale=g_scale, scales=n_scale,
         )
     from ..rendering import process_share
 
