@@ -42,11 +42,13 @@ class Applied:
     exact:        exact (C⁻¹-orthonormal) or approximate multi-concept edit (PERFUSION.md §8)
     global_lock:  K path reads the prompt with supercategory words in place of concepts (§4)
     cache:        compute each layer's edited K/V once per call and reuse it at every denoising step
+    scales:       weight-based baselines' strength by name (methods.AppliedWeights)
+    C_inv:        edit.inverse_covariance(C), when the caller has it already (a render job's concept groups)
     """
 
     def __init__(self, pipe, concepts: list[Concept], C: torch.Tensor | None, gates: dict[str, Gate] | None = None,
                  exact: bool = True, global_lock: bool = False, cache: bool = True,
-                 scales: dict[str, float] | None = None):
+                 scales: dict[str, float] | None = None, C_inv: torch.Tensor | None = None):
         from .edit import inverse_covariance
         from .methods import apply_weights
 
@@ -66,7 +68,7 @@ class Applied:
                     self.weights.append(apply_weights(pipe.unet, c.method, c.weights, scales.get(c.name, 1.0)))
             if perf:
                 self.patch = patching.apply(
-                    pipe.unet, [c.tensors for c in perf], inverse_covariance(C), exact=exact,
+                    pipe.unet, [c.tensors for c in perf], inverse_covariance(C) if C_inv is None else C_inv, exact=exact,
                     betas=[self.gates[c.name].beta for c in perf], taus=[self.gates[c.name].tau for c in perf],
                     labels=[c.name for c in perf], cache=cache,
                     linear_gates=[self.gates[c.name].rome for c in perf],
@@ -356,9 +358,14 @@ def render_jobs(
             progress(min(done_steps, total_steps), total_steps)
         return callback_kwargs
 
+    from .edit import inverse_covariance
+
+    C_inv = None
+    if C is not None and any(concepts[n].is_perfusion for names in groups for n in names):
+        C_inv = inverse_covariance(C)   # once per job, not once per concept group
     for names, group in groups.items():
         applied = Applied(pipe, [concepts[n] for n in names], C, gates, settings.exact, settings.global_lock,
-                          scales=scales) if names else None
+                          scales=scales, C_inv=C_inv) if names else None
         plain = None if names else patching.attach(pipe.unet, cache=True)  # the K/V cache alone
         try:
             for start in range(0, len(group), settings.batch_size):

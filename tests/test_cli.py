@@ -193,6 +193,21 @@ def test_render_prompts_file(registry_with_concept, tmp_path):
     assert "Perfusion:" not in png_text(paths[1])["parameters"]
 
 
+def test_a_render_job_inverts_the_covariance_once(two_concepts, tmp_path, monkeypatch):
+    """Prompts naming different concepts are rendered in separate concept groups; C⁻¹ is the same for all of
+    them, so the job computes it once, and every group's images are still edited."""
+    from perfusion_cli import edit
+
+    calls = []
+    real = edit.inverse_covariance
+    monkeypatch.setattr(edit, "inverse_covariance", lambda C, *a, **k: calls.append(1) or real(C, *a, **k))
+    r = cli("render", "--prompts", "-", *FAST_RENDER, "--seed", "3", "--json", "-o", tmp_path / "o",
+            input="a mybox at night\na mybox2 on grass\na box on a beach\n")
+    assert r.exit_code == 0, r.output
+    assert [[c["name"] for c in rec["concepts"]] for rec in json.loads(r.stdout)] == [["mybox"], ["mybox2"], []]
+    assert len(calls) == 1
+
+
 def test_render_prompts_from_stdin_json_named_bias(registry_with_concept, tmp_path):
     r = cli("render", "--prompts", "-", *FAST_RENDER, "--seed", "3", "--bias", "mybox=0.5", "--json",
             "-o", tmp_path / "o", input="a mybox at night\na box on a beach\n")
