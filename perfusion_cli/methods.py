@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import PerfusionError
+from .patch import install_forward, restore_forwards
 
 METHODS = ("perfusion", "ti", "dreambooth", "lora", "custom-diffusion")
 BASELINES = METHODS[1:]
@@ -137,21 +138,14 @@ class AppliedWeights:
 
     def _wrap(self, module: nn.Module, extra: Callable[[Tensor], Tensor]) -> None:
         inner = module.forward
-        previous = module.__dict__.get("forward")
 
         def forward(x: Tensor, *args, **kwargs) -> Tensor:
             return inner(x, *args, **kwargs) + extra(x)
 
-        module.forward = forward
-        self.wrapped.append((module, previous))
+        install_forward(module, forward, self.wrapped)
 
     def remove(self) -> None:
-        for module, previous in reversed(self.wrapped):
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous
-        self.wrapped.clear()
+        restore_forwards(self.wrapped)
         if self.saved:
             params = dict(self.unet.named_parameters())
             with torch.no_grad():

@@ -101,13 +101,8 @@ class Patch:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-        for proj, previous in reversed(self.wrapped):
-            if previous is None:
-                del proj.forward
-            else:
-                proj.forward = previous
+        restore_forwards(self.wrapped)
         self.handles.clear()
-        self.wrapped.clear()
         self.edits.clear()
         self.set_stacked(None)
         self.clear_cache()
@@ -148,7 +143,6 @@ class Patch:
     # -- the edited projection ------------------------------------------------------------
     def _wrap(self, proj: nn.Module, name: str, which: str) -> None:
         inner = proj.forward                       # bound: the class's, or a wrapper already there
-        previous = proj.__dict__.get("forward")
         slot = 0 if which == "k" else 1
 
         def forward(e: Tensor, *args, **kwargs) -> Tensor:
@@ -174,8 +168,24 @@ class Patch:
                 self._memo[(name, which)] = (x, x._version, out)
             return out
 
-        proj.forward = forward
-        self.wrapped.append((proj, previous))
+        install_forward(proj, forward, self.wrapped)
+
+
+def install_forward(module: nn.Module, forward, undo: list) -> None:
+    """Give one module instance its own forward (the class and other instances keep theirs), recording in
+    `undo` what to put back: the way both Perfusion edits and baselines' weights go on without touching W."""
+    undo.append((module, module.__dict__.get("forward")))
+    module.forward = forward
+
+
+def restore_forwards(undo: list) -> None:
+    """Undo install_forward calls, last first, leaving each module as it was (no instance attribute left)."""
+    for module, previous in reversed(undo):
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
+    undo.clear()
 
 
 def attach(unet: nn.Module, cache: bool = False) -> Patch:
