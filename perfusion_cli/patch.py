@@ -73,30 +73,26 @@ class Patch:
     _key_memo: tuple | None = None                # (encoder_hidden_states, version, key context)
     _memo: dict = field(default_factory=dict)     # (layer, "k"|"v") -> (input, version, output)
     stacked: StackedEdit | None = None            # every projection's edit in one (training); see set_stacked
-    _stacked_memo: tuple | None = None            # (input, version, delta_all) of the current UNet call
+    _primed: dict | None = None                   # (layer, "k"|"v") -> that projection's delta; see prime_stacked
 
     def set_stacked(self, stacked: StackedEdit | None) -> None:
-        """Edit every projection named in stacked.slices with one StackedEdit (instead of `edits`)."""
+        """Edit every projection named in stacked.slices with one StackedEdit (instead of `edits`).
+        Its deltas are computed by prime_stacked, before each UNet call."""
         self.stacked = stacked
-        self._stacked_memo = None
+        self._primed = None
 
     def prime_stacked(self, x: Tensor) -> None:
-        """Compute the stacked delta for the encodings `x` now, before the UNet call that passes exactly this
-        tensor as encoder_hidden_states. Then no projection computes it inside the UNet, so a block that
-        gradient checkpointing recomputes does the same operations both times."""
-        self._stacked_memo = None
-        self._stacked_delta(x, next(iter(self.stacked.slices)))
+        """Compute every stacked projection's delta for the encodings `x` now, which the following UNet call(s)
+        must pass as encoder_hidden_states (until the next prime or set_stacked).
 
-    def _stacked_delta(self, x: Tensor, key: tuple[str, str]) -> Tensor:
-        # All cross-attention layers read the same encoder_hidden_states tensor, so delta_all is computed at
-        # the first projection of a UNet call and split among all (one split: its backward is one concatenation).
-        m = self._stacked_memo
-        if m is None or m[0] is not x or m[1] != x._version:
-            keys = list(self.stacked.slices)
-            sizes = [self.stacked.slices[k][1] - self.stacked.slices[k][0] for k in keys]
-            pieces = dict(zip(keys, self.stacked.delta_all(x).split(sizes, dim=-1)))
-            m = self._stacked_memo = (x, x._version, pieces)
-        return m[2][key]
+        All cross-attention layers read the same encodings, so delta_all is one computation split among them
+        (one split: its backward is one concatenation). Done outside the UNet: a block that gradient
+        checkpointing recomputes does the same operations both times, and inside the UNet a projection only
+        looks its delta up in a dict, which torch.compile traces into one graph (an identity or version check
+        of `x` there would break it)."""
+        keys = list(self.stacked.slices)
+        sizes = [self.stacked.slices[k][1] - self.stacked.slices[k][0] for k in keys]
+        self._primed = dict(zip(keys, self.stacked.delta_all(x).split(sizes, dim=-1)))
 
     def remove(self) -> None:
         for h in self.handles:
@@ -156,8 +152,15 @@ class Patch:
                     return hit[2]
             out = inner(x, *args, **kwargs)
             delta = None
-            if self.stacked is not None and (name, which) in self.stacked.slices:
-                delta = self._stacked_delta(x, (name, which))
+            primed = self._primed
+            if primed is not None and (name, which) in primed:
+                delta = primed[(name, which)]
+                if delta.shape[:-1] != x.shape[:-1]:
+                    raise RuntimeError(f"{name}.to_{which}: the stacked edit was primed for encodings of shape "
+                                       f"{tuple(delta.shape[:-1])}, the UNet got {tuple(x.shape[:-1])}")
+            elif self.stacked is not None and (name, which) in self.stacked.slices:
+                raise RuntimeError("a stacked edit is set: call patch.prime_stacked(encoder_hidden_states) "
+                                   "before the UNet")
             else:
                 edit = self.edits.get(name, (None, None))[slot]
                 if edit is not None:

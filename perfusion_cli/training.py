@@ -60,10 +60,23 @@ class TrainConfig:
     lock_keys: bool = True        # o*_K = W_K i_super, never trained (§4). False: the paper's ablation (worse):
                                   # o*_K starts there and is trained with o*_V's learning rate, in its AdamW group;
                                   # the concept file then stores the trained o*_K
+    compile: bool = False         # torch.compile the UNet: its first step compiles (~1 min on a GPU; inductor
+                                  # caches it on disk for later runs), later steps run faster (bench speed --compile)
+    compile_mode: str = "default"  # torch.compile's mode: default | max-autotune-no-cudagraphs | max-autotune
 
 
 # TrainConfig fields added after checkpoints were first written: a checkpoint without one was made with this value
 _CONFIG_ADDED = {"lock_keys": True}
+
+
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+
+
+def compiled_unet(unet: torch.nn.Module, mode: str = "default") -> Callable:
+    """torch.compile of a UNet for training steps, the Perfusion wrappers included (patch.prime_stacked keeps
+    them traceable: one graph, no recompiles from step to step). The module itself is not changed; dynamo's
+    cache of the compiled code lives on for the next Trainer on the same UNet."""
+    return torch.compile(unet, mode=mode, dynamic=False)
 
 
 @dataclass
@@ -89,6 +102,8 @@ def check_config(cfg: TrainConfig) -> None:
     for label, t in (("--train-tau", cfg.train_tau), ("--tau", cfg.render_tau)):
         if not (0.0 < t <= 1.0):
             bad(f"{label} must be in (0, 1], got {t}")
+    if cfg.compile_mode not in COMPILE_MODES:
+        bad(f"compile mode {cfg.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
     if not (0.0 <= cfg.ema < 1.0):
         bad(f"EMA factor must be in [0, 1), got {cfg.ema}")
     for t in cfg.templates:
@@ -126,6 +141,7 @@ class Trainer:
             module.requires_grad_(False)
             module.eval()
         self.layers = patching.cross_attention_layers(self.pipe.unet)  # built once, used every step
+        self.unet = compiled_unet(self.pipe.unet, cfg.compile_mode) if cfg.compile else self.pipe.unet
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16,
                              enabled=self.device.type == "cuda" and base.dtype != torch.float32)
 
@@ -327,7 +343,7 @@ class Trainer:
         ehs = e.to(pipe.unet.dtype)
         with torch.autocast(**self.autocast):
             patch.prime_stacked(ehs)  # outside the UNet's (possibly checkpointed) blocks
-            pred = pipe.unet(
+            pred = self.unet(
                 noisy.to(pipe.unet.dtype), t, encoder_hidden_states=ehs,
                 **self.unet_kwargs(pooled, lat.shape[0]),
             ).sample.float()

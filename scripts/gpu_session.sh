@@ -8,8 +8,10 @@
 #
 # On a machine without diffusers / platformdirs, put their wheels in .whl/ (see docs/benchmarks/README.md).
 # Knobs (environment): DEVICE (cuda), SESSION_S (seconds the whole script may take, 570), TRAIN_MAX_MIN (4.5),
-# BENCH_ARGS (extra `bench speed` arguments), SMOKE_ONLY=1 (stop after the smoke test), SKIP_SMOKE=1 (no smoke
-# test: the recipe was already run on CUDA), SKIP_BENCH=1, MODEL_NAME (toyworld-v2), TRAIN_ARGS, PY (python3).
+# BENCH_ARGS (extra `bench speed` arguments), BENCH_TIMEOUT (260), SMOKE_ONLY=1 (stop after the smoke test),
+# SKIP_SMOKE=1 (no smoke test: the recipe was already run on CUDA), SKIP_BENCH=1, SKIP_TRAIN=1 (no train-base),
+# WARM_START=MODE (after the bench: scripts/compile_warm_start.py, the compile of `train --compile` in a fresh
+# process with torch's caches warm), MODEL_NAME (toyworld-v2), TRAIN_ARGS, PY (python3).
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
@@ -39,6 +41,16 @@ print("python", platform.python_version(), "torch", torch.__version__, "cuda", t
       "diffusers", diffusers.__version__, "transformers", transformers.__version__, "cpus", os.cpu_count())
 print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
 PYEOF
+$PY - <<'PYEOF'
+import os, shutil, sysconfig
+try:
+    import triton
+    tv = triton.__version__
+except Exception as e:  # torch.compile on CUDA needs triton and a C compiler with Python's headers
+    tv = f"missing ({e})"
+print("triton", tv, "| cc", shutil.which("cc") or shutil.which("gcc"),
+      "| Python.h", os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))
+PYEOF
 CLI="$PY -m perfusion_cli --debug"
 
 if [ "${SKIP_SMOKE:-0}" = 1 ]; then
@@ -59,8 +71,15 @@ fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   stamp "2. bench speed --scale ${BENCH_SCALE:-sd15} on $DEVICE"
-  timeout 260 $CLI bench speed --scale "${BENCH_SCALE:-sd15}" --device "$DEVICE" -o "$OUT" ${BENCH_ARGS:-} || stamp "BENCH FAILED"
+  timeout "${BENCH_TIMEOUT:-260}" $CLI bench speed --scale "${BENCH_SCALE:-sd15}" --device "$DEVICE" -o "$OUT" \
+    ${BENCH_ARGS:-} || stamp "BENCH FAILED"
 fi
+if [ -n "${WARM_START:-}" ] && [ $((SESSION_S - SECONDS)) -gt 100 ]; then
+  stamp "2b. compile_warm_start.py --mode $WARM_START (a fresh process, torch's caches warm)"
+  timeout $((SESSION_S - SECONDS - 5)) $PY scripts/compile_warm_start.py --scale "${BENCH_SCALE:-sd15}" \
+    --device "$DEVICE" --mode "$WARM_START" | tee "$OUT/compile-warm-start.json" || stamp "WARM START FAILED"
+fi
+[ "${SKIP_TRAIN:-0}" = 1 ] && { stamp "end (SKIP_TRAIN=1)"; exit 0; }
 
 if [ "$SMOKE_OK" = 1 ]; then
   # the training budget: what is left, less ~100 s for start-up, saving, evaluation, samples and packing

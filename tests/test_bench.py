@@ -220,3 +220,62 @@ def test_channels_last_floor_is_timed_both_ways(tmp_path, monkeypatch):
     models.use_channels_last(base.pipe)
     b = floor()
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_training_is_timed_against_a_compiled_floor(tmp_path, monkeypatch):
+    """--compile MODE: the compiled rounds, the compile cost, the full concept with --compile, and the report's
+    section. torch.compile with the aot_eager backend (tracing without code generation: seconds on a CPU)."""
+    import torch._dynamo as dynamo
+    from perfusion_cli import training
+
+    modes = []
+
+    def aot_eager(unet, mode):
+        modes.append(mode)
+        return torch.compile(unet, backend="aot_eager", dynamic=False)
+
+    monkeypatch.setenv("PERFUSION_HOME", str(tmp_path))
+    monkeypatch.setattr(training, "compiled_unet", aot_eager)
+    cfg = dict(MINIMAL, render_steps=1, repeats=2, train_steps=2, full_steps=2, compile="default")
+    dynamo.reset()
+    calls = []
+    try:
+        result = run_speed(SpeedConfig(**cfg), progress=lambda *a: calls.append(a))
+    finally:
+        dynamo.reset()
+    cm = result.to_dict()["training"]["compiled"]
+    # one compiled UNet per trainer (2 rounds + the full concept) and one for the floor, all in mode "default"
+    assert modes == ["default"] * 4
+    timing_ok(cm["step"], 4)
+    timing_ok(cm["floor"], 4)
+    assert cm["ratio"] == pytest.approx(cm["step"]["median_s"] / cm["floor"]["median_s"])
+    assert cm["floor_speedup_over_eager"] > 0
+    assert len(cm["first_call_s"]["train"]) == len(cm["first_call_s"]["floor"]) == 2
+    # tracing happens in round 1 only: its first calls are the slow ones
+    assert cm["compile_s"]["train"] > 0 and cm["compile_s"]["floor"] > 0
+    assert cm["full_concept"]["steps"] == 2 and cm["full_concept"]["wall_s"] > 0
+    assert [c for c in calls if c[0].startswith("compiled training")][-1][1:] == (12, 12)
+    md = markdown(result)
+    assert "### Compiled (`perfusion train --compile`, torch.compile mode `default`)" in md
+    assert "--compile default" in result.command
+    with pytest.raises(PerfusionError, match="--compile"):
+        run_speed(SpeedConfig(scale="toy", device="cpu", compile="fastest"))
+
+
+def test_a_failing_compile_is_reported_not_fatal(tmp_path, monkeypatch):
+    """A machine whose torch.compile toolchain fails (no C compiler, no triton) still gets every other number."""
+    from perfusion_cli import training
+
+    def broken(unet, mode):
+        raise RuntimeError("no working C++ compiler found\nmore detail")
+
+    monkeypatch.setenv("PERFUSION_HOME", str(tmp_path))
+    monkeypatch.setattr(training, "compiled_unet", broken)
+    events = []
+    result = run_speed(SpeedConfig(**dict(MINIMAL, full=False, render_steps=1, compile="default")),
+                       on_event=events.append)
+    cm = result.training["compiled"]
+    assert cm == {"mode": "default", "error": "RuntimeError: no working C++ compiler found"}
+    assert any("compiled training failed" in e for e in events)
+    assert result.rendering["variants"]["1 concept"]["per_image"]["median_s"] > 0
+    assert "**Failed** on this machine: `RuntimeError: no working C++ compiler found`" in markdown(result)

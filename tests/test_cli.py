@@ -503,3 +503,35 @@ def test_combine_refuses_different_base_models(foreign_concept, perfusion_home):
         assert_clean_error(r, "'mybox'", "'alien'", "different base models")
         r = cli("combine", "mybox", "alien", "--name", "pair", "--dry-run")
         assert_clean_error(r, "different base models")
+
+
+def test_train_compile_runs_the_steps_through_torch_compile(photos, perfusion_home, monkeypatch):
+    """--compile: the UNet of every training step is training.compiled_unet's (here torch.compile with the
+    aot_eager backend: the same tracing, no code generation, seconds instead of minutes on a CPU)."""
+    import torch
+    import torch._dynamo
+    from perfusion_cli import training
+
+    modes = []
+
+    def aot_eager(unet, mode):
+        modes.append(mode)
+        return torch.compile(unet, backend="aot_eager", dynamic=False)
+
+    monkeypatch.setattr(training, "compiled_unet", aot_eager)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        r = cli("train", photos, "--super", "box", "--name", "mycompiled", "--compile", "--json", *FAST_TRAIN)
+        assert r.exit_code == 0, r.output
+        assert modes == ["default"]
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1   # the UNet, traced once
+        assert json.loads(r.stdout)["metadata"]["concepts"][0]["training"]["compile"] is True
+        assert "compiles the UNet" in r.stderr
+    finally:
+        torch._dynamo.reset()
+
+
+def test_train_compile_is_a_perfusion_option(photos, unchanged):
+    r = cli("train", photos, "--super", "box", "--name", "mybox", "--method", "lora", "--compile", *FAST_TRAIN)
+    assert_clean_error(r, "--compile", "Perfusion options")

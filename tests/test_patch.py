@@ -264,6 +264,7 @@ def test_stacked_edit_equals_per_layer_edits(kind, n, exact):
             if stacked:
                 W, slices = P.stack_weights(unet)
                 patch.set_stacked(P.build_stacked(W, slices, inputs, keys, values))
+                patch.prime_stacked(ehs)
             else:
                 patch.edits.update(P.build_edits(unet, inputs, keys, values))
             out = unet(x, torch.tensor([10, 500]), encoder_hidden_states=ehs, **kw).sample
@@ -284,7 +285,7 @@ def test_stacked_edit_equals_per_layer_edits(kind, n, exact):
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-7)
 
 
-def test_stacked_memo_follows_the_input_and_is_dropped_on_removal():
+def test_stacked_edit_is_primed_per_input_and_dropped_on_removal():
     pipe = tiny_pipeline("sd1")
     unet, d = pipe.unet, TEXT_WIDTH["sd1"]
     concept = random_concept(unet, d, 3)
@@ -295,17 +296,29 @@ def test_stacked_memo_follows_the_input_and_is_dropped_on_removal():
     assert W.shape == (sum(b - a for a, b in slices.values()), d) and W.dtype == torch.float32
     assert len(slices) == 2 * len(P.cross_attention_layers(unet))
     patch = P.attach(unet)
-    patch.set_stacked(P.build_stacked(W, slices, inputs, [concept.key_targets], [concept.value_targets]))
+    stacked = P.build_stacked(W, slices, inputs, [concept.key_targets], [concept.value_targets])
+    patch.set_stacked(stacked)
     ehs = torch.randn(2, 12, d)
     ehs[:, 3] = concept.i_star
+    with pytest.raises(RuntimeError, match="prime_stacked"):   # never silently unedited
+        unet_out(pipe, ehs)
+    patch.prime_stacked(ehs)
     first = unet_out(pipe, ehs)
     ehs2 = ehs.clone()
-    ehs2[:, 5] = concept.i_star  # a new tensor: the memo must not serve the old delta
+    ehs2[:, 5] = concept.i_star
+    patch.prime_stacked(ehs2)  # new encodings, new deltas
     second = unet_out(pipe, ehs2)
     assert not torch.allclose(first, second)
-    ehs.add_(0)  # in place: same object, new version
-    assert torch.equal(unet_out(pipe, ehs), first)
+    with pytest.raises(RuntimeError, match="primed for encodings of shape"):
+        unet_out(pipe, torch.randn(2, 7, d))  # not the primed encodings: an error, not a wrong edit
+    patch.set_stacked(None)
+    assert patch._primed is None
+    with P.attach(unet) as per_layer:  # the same numbers as per-layer LayerEdits
+        per_layer.edits.update(P.build_edits(unet, inputs, [concept.key_targets], [concept.value_targets]))
+        torch.testing.assert_close(unet_out(pipe, ehs2), second, rtol=1e-4, atol=1e-5)
+    patch.set_stacked(stacked)
+    patch.prime_stacked(ehs)
     patch.remove()
-    assert patch.stacked is None and patch._stacked_memo is None
+    assert patch.stacked is None and patch._primed is None
     plain = unet_out(pipe, ehs)
     assert not torch.allclose(plain, first)

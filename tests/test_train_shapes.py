@@ -15,6 +15,7 @@ from perfusion_cli.images import PhotoSet
 from perfusion_cli.rendering import Applied
 from perfusion_cli.training import Trainer, TrainConfig
 from perfusion_cli.covariance import estimate
+from perfusion_cli.errors import PerfusionError
 from tiny_pipelines import IMAGE_SIZE, TEXT_WIDTH, tiny_pipeline
 
 PROMPTS = ["a cat on grass", "a red car", "a dog in the snow at night", "two blue boxes", "a house", "a tree"] * 4
@@ -188,3 +189,40 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path):
         torch.testing.assert_close(low.tensors.value_targets[name], plain.tensors.value_targets[name],
                                    rtol=1e-4, atol=1e-5)
     assert not any(getattr(m, "gradient_checkpointing", False) for m in pipe.unet.modules())
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_compiled_training_is_one_graph_and_learns_what_eager_learns(kind, monkeypatch):
+    """TrainConfig.compile: the UNet with Perfusion's wrappers traces to one graph (no graph break, which would
+    run parts eagerly), is not recompiled from step to step or by the next Trainer, and trains the same
+    concept as eager mode. torch's aot_eager backend: dynamo and autograd tracing without code generation
+    (inductor's kernels are torch's to test; bench speed --compile measures them on a GPU)."""
+    import torch._dynamo as dynamo
+    from perfusion_cli import training
+
+    monkeypatch.setattr(training, "compiled_unet",
+                        lambda unet, mode: torch.compile(unet, backend="aot_eager", dynamic=False))
+    pipe = tiny_pipeline(kind)
+    base = base_of(pipe)
+    C_inv = inverse_covariance(estimate(pipe, PROMPTS))
+
+    def fit(compile_: bool):
+        cfg = TrainConfig(steps=3, batch_size=2, grad_accum=2, checkpoint_every=0,
+                          templates=["a photo of a {}", "a {}"], compile=compile_)
+        return Trainer(base, "mycat", "cat", C_inv, cfg).fit(photo_set())
+
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    try:
+        eager, compiled, again = fit(False), fit(True), fit(True)
+        stats = dynamo.utils.counters["stats"]
+        assert stats["unique_graphs"] == 1 and not dynamo.utils.counters["graph_break"]
+    finally:
+        dynamo.reset()
+    for got in (compiled, again):
+        for n, v in eager.tensors.value_targets.items():
+            torch.testing.assert_close(got.tensors.value_targets[n], v, rtol=1e-4, atol=1e-5)
+        for a, b in zip(got.embeddings, eager.embeddings):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(PerfusionError, match="compile mode"):
+        Trainer(base, "mycat", "cat", C_inv, TrainConfig(compile=True, compile_mode="fastest"))

@@ -97,6 +97,8 @@ class SpeedConfig:
     full: bool | None = None           # also train one full concept (400 steps, `perfusion train`'s batch) for real
     full_steps: int | None = None      # steps of that concept (None: the profile's, 400)
     low_memory: bool | None = None     # also time `perfusion train --low-memory` steps (gradient checkpointing)
+    compile: str | None = None         # also time `perfusion train --compile` (this torch.compile mode) against
+                                       # the floor with the same compiled UNet; None: not
     sampler: str = "ddim"
     seed: int = 0
 
@@ -118,6 +120,11 @@ class SpeedConfig:
             raise PerfusionError(f"--warmup must be ≥ 0, got {out.warmup}")
         if out.cfg < 0:
             raise PerfusionError(f"--cfg must be ≥ 0, got {out.cfg}")
+        if out.compile is not None:
+            from ..training import COMPILE_MODES
+
+            if out.compile not in COMPILE_MODES:
+                raise PerfusionError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {out.compile!r}")
         if out.sampler not in models.SAMPLERS:
             raise PerfusionError(f"unknown sampler {out.sampler!r}; choose one of {', '.join(models.SAMPLERS)}")
         return out
@@ -135,6 +142,8 @@ class SpeedConfig:
             parts.append(f"--{'' if getattr(self, k) else 'no-'}{k.replace('_', '-')}")
         if self.full and self.full_steps:
             parts.append(f"--full-steps {self.full_steps}")
+        if self.compile:
+            parts.append(f"--compile {self.compile}")
         return " ".join(parts)
 
 
@@ -530,9 +539,14 @@ class FloorStep:
     timesteps are drawn on the device, prompts are tokenized once: the least a Perfusion step must do.
     """
 
-    def __init__(self, base: models.BaseModel, prompts: list[str], batch: int, autocast: dict, seed: int = 0):
+    def __init__(self, base: models.BaseModel, prompts: list[str], batch: int, autocast: dict, seed: int = 0,
+                 compile_mode: str | None = None):
+        from ..training import compiled_unet
+
         pipe = base.pipe
         self.pipe, self.unet, self.enc, self.sched = pipe, pipe.unet, pipe.text_encoder, pipe.scheduler
+        # with compile_mode: the UNet compiled as `perfusion train --compile` compiles it (training.compiled_unet)
+        self.unet_call = compiled_unet(pipe.unet, compile_mode) if compile_mode else pipe.unet
         self.device, self.autocast, self.batch = base.device, dict(autocast), batch
         for m in (self.unet, self.enc):
             m.requires_grad_(False)
@@ -562,7 +576,7 @@ class FloorStep:
         try:
             with torch.autocast(**self.autocast):
                 e = self.enc(self.ids)[0]
-                pred = self.unet(noisy.to(self.unet.dtype), t, encoder_hidden_states=e.to(self.unet.dtype)).sample
+                pred = self.unet_call(noisy.to(self.unet.dtype), t, encoder_hidden_states=e.to(self.unet.dtype)).sample
         finally:
             hook.remove()
         loss = F.mse_loss(pred.float(), noise.float())
@@ -571,12 +585,12 @@ class FloorStep:
 
 
 def floor_step(base: models.BaseModel, prompts: list[str], batch: int, autocast: dict | None = None,
-               seed: int = 0) -> FloorStep:
+               seed: int = 0, compile_mode: str | None = None) -> FloorStep:
     """A callable running one floor step (see FloorStep); autocast as the Trainer's by default."""
     if autocast is None:
         autocast = dict(device_type=base.device.type, dtype=torch.bfloat16,
                         enabled=base.device.type == "cuda" and base.dtype != torch.float32)
-    return FloorStep(base, prompts, batch, autocast, seed)
+    return FloorStep(base, prompts, batch, autocast, seed, compile_mode)
 
 
 # -- the measurements -------------------------------------------------------------------------
@@ -694,17 +708,19 @@ def _bench_training(base, C_inv, cfg: SpeedConfig, mem: PeakMemory, sync, tick) 
     return result, concept
 
 
-def _bench_full(base, C_inv, cfg: SpeedConfig, mem: PeakMemory, sync, tick) -> dict:
+def _bench_full(base, C_inv, cfg: SpeedConfig, mem: PeakMemory, sync, tick, compile_mode: str | None = None) -> dict:
     """One whole concept as `perfusion train` would learn it on this device with default settings:
     400 steps of 16 images, the micro-batch from models.train_batch; wall time from constructing the
-    Trainer (latent caching, init) to the returned concept, model already loaded."""
+    Trainer (latent caching, init) to the returned concept, model already loaded. With compile_mode:
+    `perfusion train --compile`, the UNet already compiled by the rounds before (in this process)."""
     from ..training import Trainer, TrainConfig
 
     prof = base.profile.train or {}
     steps = cfg.full_steps or int(prof.get("steps", FULL_STEPS))
     batch, accum = models.train_batch(prof, base.device)
     tcfg = TrainConfig(steps=steps, batch_size=batch, grad_accum=accum, checkpoint_every=0, validate_every=0,
-                       mask="none", seed=cfg.seed)
+                       mask="none", seed=cfg.seed, compile=compile_mode is not None,
+                       compile_mode=compile_mode or "default")
     photos = _photos(base, cfg)
     sync()
     mem.reset()
@@ -716,6 +732,75 @@ def _bench_full(base, C_inv, cfg: SpeedConfig, mem: PeakMemory, sync, tick) -> d
     return {"steps": steps, "batch_size": batch, "grad_accum": accum, "images_per_step": batch * accum,
             "wall_s": wall, "peak_memory": mem.read(), "final_loss": concept.training.get("final_loss"),
             "goal_s": GOAL_FULL_S if base.device.type == "cuda" else None}
+
+
+def _bench_compiled(base, C_inv, cfg: SpeedConfig, mem: PeakMemory, sync, tick, eager_floor_s: float) -> dict:
+    """`perfusion train --compile` (TrainConfig.compile, mode cfg.compile) against the floor step with its UNet
+    compiled the same way (training.compiled_unet), interleaved in rounds as the eager measurement; what
+    compiling costs (the first round's first call less a later round's, for each side); and the speed-up of
+    the compiled floor over the eager one measured before in this run."""
+    from ..text import rewrite
+    from ..training import Trainer, TrainConfig
+
+    photos = _photos(base, cfg)
+    n_fit = 1 + cfg.warmup + cfg.train_steps
+    tcfg = TrainConfig(steps=n_fit, batch_size=cfg.train_batch, grad_accum=1, checkpoint_every=0,
+                       validate_every=0, mask="none", seed=cfg.seed, compile=True, compile_mode=cfg.compile)
+    steps, floors, firsts, floor_firsts, paired, train_mem, floor_mem = [], [], [], [], [], [], []
+    floor = None
+    for _ in range(cfg.repeats):
+        trainer = Trainer(base, TRAIN_NAME, TRAIN_SUPER, C_inv, tcfg)
+        stamps: list[float] = []
+
+        def on_step(p):
+            sync()
+            stamps.append(time.perf_counter())
+            if p.step == 1 + cfg.warmup:
+                mem.reset()
+            tick()
+
+        t0 = time.perf_counter()
+        trainer.fit(photos, progress=on_step)
+        train_mem.append(mem.read())
+        firsts.append(stamps[0] - t0)          # set-up and the first step (which compiles, in round 1)
+        round_steps = [b - a for a, b in zip(stamps, stamps[1:])][cfg.warmup:]
+        steps += round_steps
+        if floor is None:
+            floor = floor_step(base, [rewrite(p, {TRAIN_NAME: TRAIN_SUPER}) for p in trainer.prompts],
+                               cfg.train_batch, trainer.autocast, cfg.seed, compile_mode=cfg.compile)
+        round_floors = []
+        for k in range(1 + cfg.warmup + cfg.train_steps):
+            if k == 1 + cfg.warmup:
+                mem.reset()
+            t = time.perf_counter()
+            floor()
+            sync()
+            if k == 0:
+                floor_firsts.append(time.perf_counter() - t)
+            elif k > cfg.warmup:
+                round_floors.append(time.perf_counter() - t)
+            tick()
+        floor_mem.append(mem.read())
+        floors += round_floors
+        paired.append(statistics.median(round_steps) / statistics.median(round_floors))
+    step_t, floor_t = Timing(steps), Timing(floors)
+    later = lambda xs: statistics.median(xs[1:]) if len(xs) > 1 else float("nan")
+    return {
+        "mode": cfg.compile,
+        "step": step_t.to_dict(),
+        "floor": floor_t.to_dict(),
+        "ratio": step_t.median / floor_t.median,
+        "ratio_paired": statistics.median(paired),
+        "ratios_per_round": paired,
+        "meets_goal": step_t.median / floor_t.median <= GOAL_TRAIN,
+        "floor_speedup_over_eager": eager_floor_s / floor_t.median,
+        # the first call's extra time in round 1 over later rounds' first calls: compiling (cold in this process;
+        # torch's on-disk caches make a later process's compile shorter)
+        "compile_s": {"train": firsts[0] - later(firsts), "floor": floor_firsts[0] - later(floor_firsts)},
+        "first_call_s": {"train": firsts, "floor": floor_firsts},
+        "peak_memory": {"step": _max_peak(train_mem), "floor": _max_peak(floor_mem)},
+        "full_concept_projected_s": later(firsts) - step_t.median + FULL_STEPS * FULL_BATCH / cfg.train_batch * step_t.median,
+    }
 
 
 def _bench_low_memory(base, C_inv, cfg: SpeedConfig, mem: PeakMemory, sync, tick) -> dict:
@@ -1000,6 +1085,21 @@ def _run_speed(config: SpeedConfig, progress: Progress | None, on_event: Events,
         if cfg.full:
             training["full_concept"]["measured"] = _bench_full(base, C_inv, cfg, mem, sync,
                                                                ticker("full concept", cfg.full_steps or FULL_STEPS))
+        if cfg.compile:
+            n_c = cfg.repeats * 2 * (1 + cfg.warmup + cfg.train_steps)
+            try:
+                compiled = _bench_compiled(base, C_inv, cfg, mem, sync,
+                                           ticker(f"compiled training ({cfg.compile})", n_c),
+                                           training["floor"]["median_s"])
+                if cfg.full:
+                    compiled["full_concept"] = _bench_full(
+                        base, C_inv, cfg, mem, sync, ticker("full concept, compiled", cfg.full_steps or FULL_STEPS),
+                        compile_mode=cfg.compile)
+            except Exception as e:   # a machine without a working compiler toolchain: report it, keep the rest
+                reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:400]
+                on_event(f"warning: compiled training failed ({reason}); the report says so")
+                compiled = {"mode": cfg.compile, "error": reason}
+            training["compiled"] = compiled
         rendering = _bench_render(base, C, concepts, cfg, mem, sync,
                                   ticker("rendering", (cfg.warmup + cfg.repeats) * (5 if cfg.extra_variants else 3)))
         concept_file = _bench_concept_file(base, trained, cov_source, C, cfg, ticker("concept file", cfg.io_repeats))
@@ -1211,6 +1311,9 @@ def markdown(result: SpeedResult | dict) -> str:
           + (f". Goal: fits {_bytes(lm['goal_bytes'])}: **{ok(lm['meets_goal'])}** it (by the reserve)."
              if lm.get("goal_bytes") else "."))
         a("")
+    cm = tr.get("compiled")
+    if cm:
+        _compiled_section(a, cm, cuda, mem_head, ok)
     a("## Rendering")
     a("")
     a(f"One {rd['size']}×{rd['size']} image per call, {rd['sampler']}, {rd['steps']} steps, CFG {rd['cfg']}, "
@@ -1272,6 +1375,42 @@ def markdown(result: SpeedResult | dict) -> str:
     a(f"The raw numbers (every sample) are in `{report_stem(r['scale'], r['device_label'])}.json` beside this file.")
     a("")
     return "\n".join(L)
+
+
+def _compiled_section(a, cm: dict, cuda: bool, mem_head: str, ok) -> None:
+    a(f"### Compiled (`perfusion train --compile`, torch.compile mode `{cm['mode']}`)")
+    a("")
+    if cm.get("error"):
+        a(f"**Failed** on this machine: `{cm['error']}`. Nothing compiled was timed.")
+        a("")
+        return
+    a("The same rounds with the UNet compiled (`training.compiled_unet`), the floor step's UNet compiled the "
+      "same way: does Perfusion's overhead survive compilation, and what does compiling buy?")
+    a("")
+    a(f"| | ms per step | range | {mem_head} |")
+    a("| --- | ---: | ---: | ---: |")
+    a(f"| `perfusion train --compile` step | {_ms(cm['step']['median_s'])} | {_span(cm['step'])} | "
+      f"{_mem(cm['peak_memory']['step'], cuda)} |")
+    a(f"| compiled floor step | {_ms(cm['floor']['median_s'])} | {_span(cm['floor'])} | "
+      f"{_mem(cm['peak_memory']['floor'], cuda)} |")
+    a(f"| **ratio** | **{cm['ratio']:.2f}×** | paired {cm['ratio_paired']:.2f}× | |")
+    a("")
+    cs = cm["compile_s"]
+    a(f"Goal ≤ {GOAL_TRAIN:.2f}× the (compiled) floor: **{ok(cm['meets_goal'])}** it. The compiled floor is "
+      f"**{cm['floor_speedup_over_eager']:.2f}×** as fast as the eager floor above. Compiling cost "
+      f"{_secs(cs['train'])} (training step) and {_secs(cs['floor'])} (floor) in this process, the first time "
+      "(torch keeps compiled kernels on disk, so a later process compiles faster). A full concept projects to "
+      f"**{_secs(cm['full_concept_projected_s'])}** once compiled.")
+    a("")
+    fm = cm.get("full_concept")
+    if fm:
+        goal = (f" Goal ≤ {fm['goal_s']:.0f} s: **{ok(fm['wall_s'] <= fm['goal_s'])}** it with the UNet already "
+                f"compiled; a first run in a fresh process adds the compile: "
+                f"{_secs(fm['wall_s'] + cs['train'])}." if fm.get("goal_s") else "")
+        a(f"**Measured**: one full concept with `--compile` ({fm['steps']} steps × {fm['batch_size']} images × "
+          f"{fm['grad_accum']} accumulation), the UNet compiled by the rounds above: **{_secs(fm['wall_s'])}**, peak "
+          f"memory {_mem(fm['peak_memory'], cuda)}.{goal}")
+        a("")
 
 
 def report_stem(scale: str, label: str) -> str:

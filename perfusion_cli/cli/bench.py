@@ -30,6 +30,7 @@ def speed(
     full: bool = typer.Option(None, "--full/--no-full", help="Also train one full concept for real (400 steps, `perfusion train`'s batch on this device) [sd15 on a GPU: on]."),
     full_steps: int = typer.Option(None, "--full-steps", help="Steps of that full concept [the profile's, 400]."),
     low_memory: bool = typer.Option(None, "--low-memory/--no-low-memory", help="Also time `train --low-memory` steps and their peak memory [on, except sd15 on a CPU]."),
+    compile_: str = typer.Option(None, "--compile", help="Also time `perfusion train --compile` with this torch.compile mode (default, max-autotune-no-cudagraphs, ...) against the floor with the same compiled UNet, and what compiling costs [off]."),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads during the run (default: torch's own); 1 steadies timings on a shared machine."),
     device: str = typer.Option(None, "--device", help="auto, cuda, mps or cpu."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (fp16 on a GPU, fp32 on a CPU), fp32, fp16 or bf16."),
@@ -42,12 +43,17 @@ def speed(
         scale=scale.strip().lower(), device=device_option(device), dtype=dtype, repeats=repeats, warmup=warmup,
         train_batch=train_batch, train_steps=train_steps, render_steps=render_steps, io_repeats=io_repeats,
         threads=threads, full=full, full_steps=full_steps, low_memory=low_memory,
+        compile=compile_.strip().lower() if compile_ else None,
     )
     with progress_bar() as bar:
         on_progress = stage_progress(bar)
         result = run_speed(config, progress=on_progress, on_event=event)
     md, js = write_reports(result, out)
     tr, rd = result.training, result.rendering["variants"]
+    if tr.get("compiled"):
+        cm = tr["compiled"]
+        say(f"compiled ({cm['mode']}): train step {cm['ratio']:.2f}× the compiled floor, which is "
+            f"{cm['floor_speedup_over_eager']:.2f}× as fast as the eager one; compiling took {cm['compile_s']['train']:.0f} s")
     say(f"train step {tr['ratio']:.2f}× the floor; render {rd['1 concept']['ratio']:.2f}× (1 concept), "
         f"{rd['3 concepts']['ratio']:.2f}× (3 concepts) the plain pipeline")
     if json_out:  # one parseable document: the report with the paths it was written to

@@ -37,6 +37,7 @@ def train(
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
     low_memory: bool = typer.Option(False, "--low-memory", help="Gradient checkpointing in the UNet: less GPU memory, slower."),
     no_key_lock: bool = typer.Option(False, "--no-key-lock", help="Train the key targets o*_K too instead of locking them to the supercategory's: the paper's ablation, which does worse (PERFUSION.md §4); for comparisons only."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the UNet: the first step compiles it (about a minute on a GPU, cached on disk for later runs), the others run faster. Pays on a GPU for full-length training (docs/benchmarks)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing concept of that name."),
     fp32: bool = typer.Option(False, "--fp32", help="Store the concept in fp32 (default fp16)."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON record instead of the path."),
@@ -58,7 +59,7 @@ def train(
         lr_embedding=lr_embedding, lr_value=lr_value, train_beta=train_beta, train_tau=train_tau,
         render_beta=beta, render_tau=tau, flip=flip, mask=mask, seed=seed,
         checkpoint_every=checkpoint_every, validate_every=validate_every, templates=list(template or []),
-        gradient_checkpointing=low_memory, lock_keys=not no_key_lock,
+        gradient_checkpointing=low_memory, lock_keys=not no_key_lock, compile=compile_,
     )
     method = method.strip().lower()
     method_config = None
@@ -67,15 +68,17 @@ def train(
 
         if method not in methods.BASELINES:
             fail(f"unknown --method {method!r}; choose one of: {', '.join(methods.METHODS)}")
-        if resume or mask != "none" or low_memory or no_key_lock:
-            fail(f"--resume, --mask, --low-memory and --no-key-lock are Perfusion options; --method {method} does "
-                 "not take them")
+        if resume or mask != "none" or low_memory or no_key_lock or compile_:
+            fail(f"--resume, --mask, --low-memory, --no-key-lock and --compile are Perfusion options; --method "
+                 f"{method} does not take them")
         over = {k: v for k, v in (("steps", steps), ("lr", lr)) if v is not None}
         if batch_size is not None:
             over["batch_size"] = batch_size
         method_config = methods.recipe(method, seed=seed, templates=list(template or []), **over)
     elif lr is not None:
         fail("--lr is for baselines; Perfusion takes --lr-embedding and --lr-value")
+    if compile_ and method == "perfusion":
+        say("--compile: the first step compiles the UNet (about a minute on a GPU, longer on a CPU)")
     with progress_bar() as bar:
         tasks = []  # the bar appears with the first step, not before an early error
 
