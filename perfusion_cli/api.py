@@ -103,14 +103,14 @@ def train(
     methods.MethodConfig; default methods.recipe(method) with config's steps, batch size, seed, templates).
     """
     reg = registry or Registry()
-    cfg = config or TrainConfig()
     validate_name(name)
     if not force and (reg.user_path(name).exists() or reg.bundled_path(name).exists()):
         raise PerfusionError(f"concept {name!r} already exists; use --force to overwrite or choose another --name")
-    from .training import check_config
+    from .training import check_config, config_for
 
-    check_config(cfg)
     _, prof, _ = models.resolve(model)
+    cfg = config or config_for(prof.train if prof else None)   # no config: the model's recipe (its profile)
+    check_config(cfg)
     photos = load_photos(images, prof.resolution) if prof else None  # fail fast, before loading a model
     on_event(f"loading base model {model}")
     base = models.load(model, device=device, dtype=dtype)

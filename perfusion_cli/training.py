@@ -79,6 +79,20 @@ def compiled_unet(unet: torch.nn.Module, mode: str = "default") -> Callable:
     return torch.compile(unet, mode=mode, dynamic=False)
 
 
+# TrainConfig fields a base model's profile may set in its `train:` section (registry/profiles/*.yaml): a recipe
+# tuned for that model, used where the user gives no value (a command-line option always wins)
+PROFILE_FIELDS = ("steps", "batch_size", "grad_accum", "lr_embedding", "lr_value", "train_beta", "train_tau",
+                  "render_beta", "render_tau")
+
+
+def config_for(profile_train: dict | None, **fields) -> TrainConfig:
+    """TrainConfig from TrainConfig's defaults, then the profile's `train:` values, then `fields` (None values
+    are left out: "not given")."""
+    prof = {k: v for k, v in (profile_train or {}).items() if k in PROFILE_FIELDS}
+    given = {k: v for k, v in fields.items() if v is not None}
+    return TrainConfig(**{**prof, **given})
+
+
 @dataclass
 class Progress:
     step: int

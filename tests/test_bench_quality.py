@@ -152,6 +152,41 @@ def test_a_part_alone_writes_only_its_files(tmp_path):
     assert [v["id"] for v in rep["variants"]] == ["rome", "global-lock"] and rep["train_seconds"] == {}
 
 
+def test_reuse_carries_over_the_methods_not_rerun(quick_run, tmp_path):
+    """--methods perfusion --reuse the quick run's quality.json: perfusion is measured again, the other four methods
+    are the earlier run's numbers, say so, and enter the claim check; other settings are refused."""
+    from test_cli import assert_clean_error
+
+    _, paths, reports = quick_run
+    prev_path = next(p for p in paths if p.name == "quality-quick.json")
+    prev = reports["methods"]
+    r = CliRunner().invoke(app, ["bench", "quality", "--quick", "--parts", "methods", "--methods", "perfusion",
+                                 "--reuse", str(prev_path), "-o", str(tmp_path / "q")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "q" / "quality-quick.json").read_text())
+    assert rep["config"]["methods"] == ["perfusion"]
+    assert set(rep["carried_over"]) == {"ti", "dreambooth", "lora", "custom-diffusion"}
+    for m in rep["carried_over"]:
+        assert rep["results"]["hatcat"][m] == prev["results"]["hatcat"][m]
+        assert rep["file_bytes"][m] == prev["file_bytes"][m]
+    assert set(rep["claim_perfusion_at_or_above"]) == {"ti", "dreambooth", "lora", "custom-diffusion"}
+    # perfusion itself was measured again: same settings and seeds, so the same numbers
+    assert [p["knob"] for p in rep["results"]["hatcat"]["perfusion"]] == [0.5, 0.9]
+    text = (tmp_path / "q" / "quality-quick.md").read_text()
+    assert "was not measured in this run" in text and f"--reuse {prev_path}" in text
+
+    # the full settings against a quick report: refused, naming the first setting that differs
+    r = CliRunner().invoke(app, ["bench", "quality", "--instances", "hatcat", "--parts", "methods", "--methods",
+                                 "perfusion", "--reuse", str(prev_path), "-o", str(tmp_path / "y")])
+    assert_clean_error(r, "measured with other steps")
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    r = CliRunner().invoke(app, ["bench", "quality", "--quick", "--methods", "perfusion", "--reuse", str(bad),
+                                 "-o", str(tmp_path / "z")])
+    assert_clean_error(r, "not a methods report")
+    assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
 @pytest.mark.parametrize("args, phrase", [
     (["--methods", "perfusion,hyper"], "unknown method"),
     (["--parts", "methods,nosuch"], "unknown part"),

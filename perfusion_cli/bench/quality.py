@@ -89,6 +89,8 @@ class QualityConfig:
     pair_lora_scales: tuple[float, ...] = (0.5, 1.0)  # pairs: both LoRAs at this scale each
     prior_images: int | None = None                  # DreamBooth's class images (None: its recipe's)
     prior_steps: int | None = None                   # ... and their sampling steps (None: its recipe's)
+    reuse: str | None = None                         # a previous methods report (JSON): its methods not in `methods`
+                                                     # are carried over, not retrained (see carry_over)
 
     @classmethod
     def quick_config(cls, **overrides) -> "QualityConfig":
@@ -136,6 +138,59 @@ def check_config(cfg: QualityConfig) -> None:
     if not all(0.0 <= b <= 1.0 for b in cfg.train_betas):
         raise PerfusionError("training biases of the train-beta ablation must be between 0 and 1")
     instance_names(cfg.instances)
+    if cfg.reuse is not None:
+        load_reused(cfg)
+
+
+# settings that decide a method's numbers: a carried-over method must have been measured with the same ones
+REUSE_MUST_MATCH = ("steps", "photos", "prompts", "seeds", "lora_scales", "step_fractions", "render_steps", "seed",
+                    "prior_images", "prior_steps")
+
+
+def load_reused(cfg: QualityConfig) -> dict:
+    """The previous methods report cfg.reuse names, checked against cfg: it must cover cfg's instances with the
+    same settings (REUSE_MUST_MATCH), else a PerfusionError says which differ."""
+    path = Path(cfg.reuse)
+    try:
+        prev = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PerfusionError(f"--reuse {path}: cannot read it as a quality report ({e.__class__.__name__}); "
+                             "give the quality.json of an earlier `perfusion bench quality` run") from None
+    if not isinstance(prev, dict) or prev.get("part", "methods") != "methods" or "results" not in prev:
+        raise PerfusionError(f"--reuse {path}: not a methods report (quality.json) of `perfusion bench quality`")
+    now = asdict(cfg)
+    prev_cfg = prev.get("config", {})
+    differ = [k for k in REUSE_MUST_MATCH if k in prev_cfg and _plain(prev_cfg[k]) != _plain(now[k])]
+    if differ:
+        raise PerfusionError(f"--reuse {path}: measured with other {', '.join(differ)}; rerun those methods instead")
+    missing = [n for n in instance_names(cfg.instances) if n not in prev["results"]]
+    if missing:
+        raise PerfusionError(f"--reuse {path}: has no results for {', '.join(missing)}")
+    return prev
+
+
+def _plain(x):
+    return list(x) if isinstance(x, (list, tuple)) else x
+
+
+def carry_over(cfg: QualityConfig, names: list[str], results: dict, sizes: dict, train_s: dict) -> dict:
+    """Copy into this run's results every method of the reused report that this run does not measure itself
+    (per instance curves, file sizes, training times); returns {method: where it came from}."""
+    prev = load_reused(cfg)
+    carried = {}
+    for method in METHOD_ORDER:
+        if method in cfg.methods or not all(method in prev["results"][n] for n in names):
+            continue
+        for n in names:
+            results[n][method] = prev["results"][n][method]
+        if method in prev.get("file_bytes", {}):
+            sizes[method] = [prev["file_bytes"][method]]
+        if method in prev.get("train_seconds", {}):
+            train_s[method] = [prev["train_seconds"][method]]
+        m = prev.get("machine", {})
+        carried[method] = {"report": str(cfg.reuse), "measured": m.get("date"), "git_commit": m.get("git_commit"),
+                           "perfusion": m.get("perfusion")}
+    return carried
 
 
 class Bench:
@@ -182,17 +237,17 @@ class Bench:
         return self._photos[name]
 
     def train_perfusion(self, name: str, stage: str, photos: int | None = None, **overrides):
-        """A Perfusion concept of `name` trained with the bench's settings, TrainConfig fields `overrides`, on the
-        first `photos` photos (None: all)."""
+        """A Perfusion concept of `name` trained as `perfusion train` would (the toy profile's recipe) with the bench's
+        steps, TrainConfig fields `overrides`, on the first `photos` photos (None: all)."""
         from ..images import PhotoSet
         from ..toyworld import world as tw
-        from ..training import TrainConfig, Trainer
+        from ..training import Trainer, config_for
 
         ps = self.photos(name)
         if photos is not None:
             ps = PhotoSet(pixels=ps.pixels[:photos], paths=ps.paths[:photos])
-        cfg = TrainConfig(steps=self.cfg.steps, batch_size=4, grad_accum=1, seed=self.cfg.seed, checkpoint_every=0,
-                          **overrides)
+        cfg = config_for(self.base.profile.train, **{**dict(steps=self.cfg.steps, batch_size=4, grad_accum=1,
+                                                             seed=self.cfg.seed, checkpoint_every=0), **overrides})
         trainer = Trainer(self.base, WORD, tw.INSTANCES_BY_NAME[name].supercategory, self.C_inv, cfg)
         return trainer.fit(ps, progress=lambda p: self.progress(stage, p.step, p.steps))
 
@@ -366,9 +421,12 @@ def run_methods(bench: Bench) -> dict:
             inst[method] = curve
             bench.release(name, method)
         results[name] = inst
-    mean = _mean_curves(results, cfg.methods)
-    claim = {m: dominance(mean["perfusion"], mean[m]) for m in cfg.methods if m != "perfusion" and "perfusion" in mean}
-    per_instance_claim = {n: {m: dominance(r["perfusion"], r[m]) for m in cfg.methods if m != "perfusion"}
+    carried = carry_over(cfg, bench.names, results, sizes, train_s) if cfg.reuse else {}
+    methods = [m for m in METHOD_ORDER if m in cfg.methods or m in carried] + \
+              [m for m in cfg.methods if m not in METHOD_ORDER]
+    mean = _mean_curves(results, methods)
+    claim = {m: dominance(mean["perfusion"], mean[m]) for m in methods if m != "perfusion" and "perfusion" in mean}
+    per_instance_claim = {n: {m: dominance(r["perfusion"], r[m]) for m in methods if m != "perfusion"}
                           for n, r in results.items() if "perfusion" in r}
     return {
         "knobs": {"perfusion": "gate bias", "lora": "LoRA scale", "ti": "training steps",
@@ -378,6 +436,7 @@ def run_methods(bench: Bench) -> dict:
         "claim_per_instance": per_instance_claim,
         "file_bytes": {m: int(np.mean(v)) for m, v in sizes.items() if v},
         "train_seconds": {m: float(np.mean(v)) for m, v in train_s.items() if v},
+        "carried_over": carried,
     }
 
 
@@ -518,6 +577,12 @@ def markdown(report: dict) -> str:
       f"{', '.join(c['instances'])}; {len(c['prompts'])} prompts × {c['seeds']} seeds = "
       f"{report['images_per_point']} images per point; every method trained {c['steps']} steps on the same "
       f"{c['photos']} photos (recipes: docs/methods.md).")
+    for meth, src in report.get("carried_over", {}).items():
+        a("")
+        a(f"**{meth}** was not measured in this run: its curves, file size and training time are carried over from "
+          f"`{src['report']}` (measured {src.get('measured')}, perfusion {src.get('perfusion')}"
+          + (f", commit {src['git_commit']}" if src.get("git_commit") else "")
+          + ") with the same instances, prompts, seeds and settings (`--reuse`).")
     a("")
     a("![fidelity against alignment](quality.png)")
     a("")
@@ -582,6 +647,10 @@ def markdown(report: dict) -> str:
 def reproduce(config: dict, part: str) -> str:
     """The command that makes this part's report again."""
     where = " --quick" if config.get("quick") else f" --instances {','.join(config['instances'])}"
+    if part == "methods" and list(config.get("methods", METHOD_ORDER)) != list(METHOD_ORDER):
+        where += f" --methods {','.join(config['methods'])}"
+        if config.get("reuse"):
+            where += f" --reuse {config['reuse']}"
     return f"perfusion bench quality{where} --parts {part}"
 
 

@@ -76,6 +76,7 @@ def quality(
     out: Path = typer.Option(Path("docs/benchmarks"), "-o", "--out", help="Folder for the reports: quality.*, quality-ablations.*, quality-pairs.* (*-quick.* with --quick)."),
     device: str = typer.Option("cpu", "--device", help="cpu (the toy world is sized for it), auto, cuda or mps."),
     json_out: bool = typer.Option(False, "--json", help="Print the JSON reports ({part: report}) on stdout instead of the paths."),
+    reuse: Path = typer.Option(None, "--reuse", help="A previous quality.json: the methods it has and --methods leaves out are carried over into the new methods report (same instances, prompts, seeds and steps required), e.g. to re-measure one method after changing its recipe."),
 ):
     """Perfusion against TI, DreamBooth, LoRA and Custom Diffusion on the toy world (fidelity vs alignment), its
     ablations, and two concepts in one image."""
@@ -84,6 +85,8 @@ def quality(
     names = _names(instances)
     spec = names[0] if len(names) == 1 and names[0] in ("reporting", "development", "dev") else names
     over = {"methods": _names(methods, lower=True)}
+    if reuse is not None:
+        over["reuse"] = str(reuse)
     if parts is not None:
         over["parts"] = _names(parts, lower=True)
     if ablations is not None:

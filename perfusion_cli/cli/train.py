@@ -20,12 +20,12 @@ def train(
     steps: int = typer.Option(None, "--steps", help="Optimiser steps [profile, else 400]."),
     batch_size: int = typer.Option(None, "--batch-size", help="Images per forward pass [the largest the GPU's memory allows for the profile's 16 images per step; else the profile's, else 4]."),
     grad_accum: int = typer.Option(None, "--grad-accum", help="Forward passes per step [the profile's images per step / --batch-size]."),
-    lr_embedding: float = typer.Option(6e-3, "--lr-embedding", help="Learning rate of the token embedding."),
-    lr_value: float = typer.Option(3e-2, "--lr-value", help="Learning rate of the value targets o*_V."),
-    train_beta: float = typer.Option(0.75, "--train-beta", help="Gate bias β while training."),
-    train_tau: float = typer.Option(0.1, "--train-tau", help="Gate temperature τ while training."),
-    beta: float = typer.Option(0.7, "--beta", help="Default render bias stored in the concept."),
-    tau: float = typer.Option(0.15, "--tau", help="Default render temperature stored in the concept."),
+    lr_embedding: float = typer.Option(None, "--lr-embedding", help="Learning rate of the token embedding [the profile's, else 6e-3]."),
+    lr_value: float = typer.Option(None, "--lr-value", help="Learning rate of the value targets o*_V [the profile's, else 3e-2]."),
+    train_beta: float = typer.Option(None, "--train-beta", help="Gate bias β while training [the profile's, else 0.75]."),
+    train_tau: float = typer.Option(None, "--train-tau", help="Gate temperature τ while training [the profile's, else 0.1]."),
+    beta: float = typer.Option(None, "--beta", help="Default render bias stored in the concept [the profile's, else 0.7]."),
+    tau: float = typer.Option(None, "--tau", help="Default render temperature stored in the concept [the profile's, else 0.15]."),
     mask: str = typer.Option("none", "--mask", help="none, attention (from the model's own cross-attention), or a folder of masks."),
     flip: bool = typer.Option(True, "--flip/--no-flip", help="Horizontal flip augmentation."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
@@ -47,15 +47,14 @@ def train(
 ):
     """Learn a concept from photos and store it in the registry."""
     from .. import api, models
-    from ..training import TrainConfig
+    from ..training import config_for
 
     model = model_option(model) or models.DEFAULT_MODEL
     prof = models.find_profile(model)
     t = prof.train if prof else {}
     batch_size, grad_accum = _batch(t, batch_size, grad_accum, device_option(device), low_memory)
-    cfg = TrainConfig(
-        steps=steps if steps is not None else int(t.get("steps", 400)),
-        batch_size=batch_size, grad_accum=grad_accum,
+    cfg = config_for(
+        t, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
         lr_embedding=lr_embedding, lr_value=lr_value, train_beta=train_beta, train_tau=train_tau,
         render_beta=beta, render_tau=tau, flip=flip, mask=mask, seed=seed,
         checkpoint_every=checkpoint_every, validate_every=validate_every, templates=list(template or []),

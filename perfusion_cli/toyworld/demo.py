@@ -122,7 +122,7 @@ def run_demo(out, config: DemoConfig | None = None, progress: Progress | None = 
     from ..edit import inverse_covariance
     from ..images import load_photos
     from ..rendering import Applied, Gate
-    from ..training import Trainer, TrainConfig
+    from ..training import Trainer, config_for
     from . import evaluate as ev
     from . import world as tw
 
@@ -147,10 +147,8 @@ def run_demo(out, config: DemoConfig | None = None, progress: Progress | None = 
     cov = covariance.for_model(base, keep)
     seconds["setup"] = time.perf_counter() - t0
 
-    prof = base.profile.train or {}
-    steps = cfg.steps or int(prof.get("steps", 400))
-    tcfg = TrainConfig(steps=steps, batch_size=int(prof.get("batch_size", 4)), grad_accum=int(prof.get("grad_accum", 1)),
-                       seed=cfg.seed, checkpoint_every=0)
+    tcfg = config_for(base.profile.train, steps=cfg.steps or None, seed=cfg.seed, checkpoint_every=0)
+    steps = tcfg.steps
     on_event(f"training {cfg.name!r} (--super {sup}): {steps} steps")
     t = time.perf_counter()
     trainer = Trainer(base, cfg.name, sup, inverse_covariance(cov.C), tcfg)
