@@ -29,7 +29,7 @@ from .registry import Entry, Registry, validate_name
 from .rendering import (Applied, Gate, RenderSettings, Written, check_settings, plan, process_share, render_jobs,
                         shard)
 from .text import check_concept_word, check_supercategory, find_concepts
-from .training import Progress, Trainer, TrainConfig
+from .training import INFLATED_EMBEDDING, Progress, Trainer, TrainConfig
 
 Events = Callable[[str], None]
 
@@ -142,6 +142,10 @@ def train(
     if cfg.validate_every:
         validate = _validator(base, name, supercategory, cov.C, workdir, on_event)
     concept = trainer.fit(photos, progress=progress, workdir=workdir, resume=resume, validate=validate)
+    ratio = concept.training.get("embedding_norm_ratio", 0.0)
+    if ratio > INFLATED_EMBEDDING:
+        on_event(f"warning: the learned embedding is {ratio:.1f}x a typical word's norm; the concept may bleed into "
+                 f"the rest of prompts (lower --lr-embedding than {cfg.lr_embedding:g}; PERFUSION.md §11b)")
     cs = ConceptSet(
         name=name, concepts=[concept],
         base_model={"id": base.id, "fingerprint": base.fingerprint, "family": base.family},

@@ -93,6 +93,20 @@ def config_for(profile_train: dict | None, **fields) -> TrainConfig:
     return TrainConfig(**{**prof, **given})
 
 
+# A learned embedding this many times the norm of a typical word's is a sign the concept will bleed into the rest of
+# a prompt: later tokens of a causal text encoder carry it, and the gate opens on them too (PERFUSION.md §11b)
+INFLATED_EMBEDDING = 3.0
+
+
+def embedding_norm_ratio(pipe, embeddings: list[torch.Tensor]) -> float:
+    """max over text encoders of |learned embedding| / median |row| of that encoder's token-embedding table."""
+    ratios = []
+    for (_, enc), e in zip(text_stack(pipe), embeddings):
+        typical = enc.get_input_embeddings().weight.detach().float().norm(dim=1).median()
+        ratios.append(float(e.float().norm().cpu() / typical.cpu()))
+    return round(max(ratios), 3) if ratios else 0.0
+
+
 @dataclass
 class Progress:
     step: int
@@ -306,12 +320,12 @@ class Trainer:
             override.remove()
             if checkpointing:
                 unet.disable_gradient_checkpointing()
+        embeddings = [e.detach().float().cpu().clone() for e in state.embeddings]
         return Concept(
-            name=self.name, supercategory=self.super, tensors=self.tensors(state),
-            embeddings=[e.detach().float().cpu().clone() for e in state.embeddings],
+            name=self.name, supercategory=self.super, tensors=self.tensors(state), embeddings=embeddings,
             training={**{k: v for k, v in asdict(cfg).items() if k != "templates"},
                       "templates": self.templates, "images": [p.name for p in photos.paths],
-                      "final_loss": loss_value},
+                      "final_loss": loss_value, "embedding_norm_ratio": embedding_norm_ratio(self.pipe, embeddings)},
             created=now(),
         )
 

@@ -388,6 +388,28 @@ def test_train_no_key_lock_trains_the_keys(photos, perfusion_home):
     assert "--no-key-lock" in cli("train", "--help").stdout
 
 
+def test_train_records_the_profile_recipe_and_warns_of_an_inflated_embedding(photos, perfusion_home):
+    """No --lr-embedding: the toy profile's (registry/profiles/toyworld.yaml) is used and recorded, with the learned
+    embedding's norm against a typical word's; a learning rate that inflates it gets a warning that names the fix."""
+    import yaml
+
+    from perfusion_cli import models
+
+    prof = yaml.safe_load((models.bundled_dir() / "profiles" / "toyworld.yaml").read_text())
+    r = cli("train", photos, "--super", "box", "--name", "myrecipe", "--json", *FAST_TRAIN)
+    assert r.exit_code == 0, r.output
+    t = json.loads(r.stdout)["metadata"]["concepts"][0]["training"]
+    assert t["lr_embedding"] == prof["train"]["lr_embedding"] and t["lr_value"] == 3e-2
+    assert 0.5 < t["embedding_norm_ratio"] < 3.0 and "warning" not in r.stderr
+    assert "embedding_norm_ratio" in cli("inspect", "myrecipe").stdout
+
+    r = cli("train", photos, "--super", "box", "--name", "myinflated", "--lr-embedding", "0.5", "--json", *FAST_TRAIN)
+    assert r.exit_code == 0, r.output
+    t = json.loads(r.stdout)["metadata"]["concepts"][0]["training"]
+    assert t["lr_embedding"] == 0.5 and t["embedding_norm_ratio"] > 3.0
+    assert "warning: the learned embedding is" in r.stderr and "lower --lr-embedding" in r.stderr
+
+
 def test_train_no_key_lock_is_a_perfusion_option(photos, unchanged):
     r = cli("train", photos, "--super", "box", "--name", "mybox", "--method", "ti", "--no-key-lock", *FAST_TRAIN)
     assert_clean_error(r, "--no-key-lock", "Perfusion options")

@@ -118,7 +118,8 @@ def inspect(
         t = c["training"]
         if t:
             keys = ("method", "steps", "batch_size", "grad_accum", "lr", "lr_embedding", "lr_value", "rank",
-                    "prior_weight", "prior_images", "train_beta", "train_tau", "mask", "flip", "seed", "final_loss")
+                    "prior_weight", "prior_images", "train_beta", "train_tau", "mask", "flip", "seed", "final_loss",
+                    "embedding_norm_ratio")
             out.print("  training: " + ", ".join(f"{k} {t[k]}" for k in keys if k in t))
             if t.get("images"):
                 out.print(f"  images: {', '.join(t['images'])}")

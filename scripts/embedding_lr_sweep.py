@@ -1,0 +1,90 @@
+"""Choose the embedding learning rate of Perfusion and of Textual Inversion for the toy model, on the toy world's
+DEVELOPMENT instances only (the reporting instances stay unseen for `perfusion bench quality`).
+
+For each instance and learning rate, one concept is trained exactly as `perfusion bench quality` trains it
+(400 steps, 6 photos, batch 4) and rendered on the benchmark's 8 prompts × 2 seeds: Perfusion at gate biases
+0.5, 0.7, 0.9 (its curve), TI once (its final concept). A learning rate's score is the mean over instances and
+points of alignment + fidelity; the best one goes into registry/profiles/toyworld.yaml (Perfusion's `train:
+lr_embedding`; TI's recipe is only changed if another rate beats its paper's 5e-3).
+
+    python scripts/embedding_lr_sweep.py                      # tealcat, blazedog; ~20 min on 2 CPU cores
+    python scripts/embedding_lr_sweep.py --instances tealcat --out /tmp/sweep.json
+
+Writes docs/benchmarks/lr-embedding-dev-sweep.json (resumable: finished cells are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+PERFUSION_LRS = (6e-3, 2.5e-3, 1e-3)
+TI_LRS = (5e-3, 2e-3, 1e-3)
+BIASES = (0.5, 0.7, 0.9)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--instances", default="tealcat,blazedog")
+    ap.add_argument("--out", default="docs/benchmarks/lr-embedding-dev-sweep.json")
+    args = ap.parse_args()
+
+    from perfusion_cli.bench.quality import WORD, Bench, QualityConfig
+    from perfusion_cli.methods import recipe, train_baseline
+    from perfusion_cli.rendering import Applied, Gate
+    from perfusion_cli.toyworld import world as tw
+
+    names = [n.strip() for n in args.instances.split(",") if n.strip()]
+    reporting = {i.name for i in tw.REPORTING_INSTANCES}
+    if reporting & set(names):
+        raise SystemExit(f"{sorted(reporting & set(names))} are reporting instances: choose on development ones")
+    bench = Bench(QualityConfig(instances=tuple(names)), progress=lambda *a: None, say=print)
+    out = Path(args.out)
+    doc = json.loads(out.read_text()) if out.exists() else {}
+    doc.update({"what": __doc__.splitlines()[0], "criterion": "mean over instances and points of alignment + fidelity",
+                "prompts": list(bench.cfg.prompts), "seeds": bench.cfg.seeds, "steps": bench.cfg.steps})
+    res = doc.setdefault("results", {})
+    prompts = [p.format(WORD) for p in bench.cfg.prompts]
+
+    def score(name, concept, **opts):
+        with Applied(bench.base.pipe, [concept], bench.cov.C, **opts) as applied:
+            pt = bench.score(name, bench.images(bench.applied_call(applied), prompts))
+        return {"alignment": round(pt["alignment"], 4), "fidelity": round(pt["fidelity"], 4)}
+
+    for name in names:
+        r = res.setdefault(name, {})
+        if "base model" not in r:
+            bp = bench.base_point(name)
+            r["base model"] = {"alignment": round(bp["alignment"], 4), "fidelity": round(bp["fidelity"], 4)}
+        for method, lrs in (("perfusion", PERFUSION_LRS), ("ti", TI_LRS)):
+            for lr in lrs:
+                cell = r.setdefault(method, {})
+                if f"{lr:g}" in cell:
+                    continue
+                t = time.perf_counter()
+                if method == "perfusion":
+                    c = bench.train_perfusion(name, "sweep", lr_embedding=lr)
+                    points = {f"{b:g}": score(name, c, gates={c.name: Gate(b, c.tensors.tau)}) for b in BIASES}
+                else:
+                    mcfg = recipe("ti", steps=bench.cfg.steps, batch_size=4, seed=bench.cfg.seed, lr=lr, lr_embedding=lr)
+                    c = train_baseline(bench.base, WORD, tw.INSTANCES_BY_NAME[name].supercategory, bench.photos(name),
+                                       mcfg)
+                    points = {"final": score(name, c)}
+                cell[f"{lr:g}"] = {"points": points, "embedding_norm": round(float(c.embeddings[0].norm()), 4),
+                                   "seconds": round(time.perf_counter() - t)}
+                print(name, method, f"{lr:g}", cell[f"{lr:g}"], flush=True)
+                out.write_text(json.dumps(doc, indent=1))
+    doc["choice"] = {}
+    for method in ("perfusion", "ti"):
+        lrs = {lr for n in names for lr in res[n].get(method, {})}
+        means = {lr: sum(p["alignment"] + p["fidelity"] for n in names for p in res[n][method][lr]["points"].values())
+                 / sum(len(res[n][method][lr]["points"]) for n in names) for lr in lrs}
+        doc["choice"][method] = {"scores": {k: round(v, 4) for k, v in means.items()}, "best": max(means, key=means.get)}
+    out.write_text(json.dumps(doc, indent=1))
+    print(json.dumps(doc["choice"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
