@@ -138,8 +138,6 @@ def check_config(cfg: QualityConfig) -> None:
     if not all(0.0 <= b <= 1.0 for b in cfg.train_betas):
         raise PerfusionError("training biases of the train-beta ablation must be between 0 and 1")
     instance_names(cfg.instances)
-    if cfg.reuse is not None:
-        load_reused(cfg)
 
 
 # settings that decide a method's numbers: a carried-over method must have been measured with the same ones
@@ -173,10 +171,10 @@ def _plain(x):
     return list(x) if isinstance(x, (list, tuple)) else x
 
 
-def carry_over(cfg: QualityConfig, names: list[str], results: dict, sizes: dict, train_s: dict) -> dict:
-    """Copy into this run's results every method of the reused report that this run does not measure itself
-    (per instance curves, file sizes, training times); returns {method: where it came from}."""
-    prev = load_reused(cfg)
+def carry_over(prev: dict, cfg: QualityConfig, names: list[str], results: dict, sizes: dict, train_s: dict) -> dict:
+    """Copy into this run's results every method of the reused report `prev` (load_reused) that this run does not
+    measure itself (per instance curves, file sizes, training times); returns {method: where it came from}."""
+    m = prev.get("machine", {})
     carried = {}
     for method in METHOD_ORDER:
         if method in cfg.methods or not all(method in prev["results"][n] for n in names):
@@ -187,7 +185,6 @@ def carry_over(cfg: QualityConfig, names: list[str], results: dict, sizes: dict,
             sizes[method] = [prev["file_bytes"][method]]
         if method in prev.get("train_seconds", {}):
             train_s[method] = [prev["train_seconds"][method]]
-        m = prev.get("machine", {})
         carried[method] = {"report": str(cfg.reuse), "measured": m.get("date"), "git_commit": m.get("git_commit"),
                            "perfusion": m.get("perfusion")}
     return carried
@@ -219,6 +216,7 @@ class Bench:
         self._points: dict[tuple, dict] = {}    # (instance, key) -> a rendered point, for renders parts share
         # methods whose concepts later parts reuse: the ablations compare with Perfusion's, the pairs combine
         # Perfusion's, TI's and LoRA's; others (a toy DreamBooth concept is 26 MB) are dropped once rendered
+        self.reused: dict | None = None  # the --reuse report (load_reused), set by run_quality
         self.kept = ({"perfusion"} if {"ablations", "pairs"} & set(cfg.parts) else set()) | \
                     ({"ti", "lora"} if "pairs" in cfg.parts else set())
 
@@ -366,7 +364,9 @@ def run_quality(config: QualityConfig | None = None, progress: Callable[[str, in
 
     cfg = config or QualityConfig()
     check_config(cfg)
+    reused = load_reused(cfg) if cfg.reuse is not None else None   # checked before the model loads
     bench = Bench(cfg, progress or (lambda *a: None), on_event or (lambda m: None))
+    bench.reused = reused
     runners = {"methods": run_methods, "ablations": ablations.run_ablations, "pairs": pairs.run_pairs}
     reports = {}
     for part in PARTS:
@@ -421,9 +421,8 @@ def run_methods(bench: Bench) -> dict:
             inst[method] = curve
             bench.release(name, method)
         results[name] = inst
-    carried = carry_over(cfg, bench.names, results, sizes, train_s) if cfg.reuse else {}
-    methods = [m for m in METHOD_ORDER if m in cfg.methods or m in carried] + \
-              [m for m in cfg.methods if m not in METHOD_ORDER]
+    carried = carry_over(bench.reused, cfg, bench.names, results, sizes, train_s) if bench.reused else {}
+    methods = [m for m in METHOD_ORDER if m in cfg.methods or m in carried]   # cfg.methods ⊆ METHOD_ORDER
     mean = _mean_curves(results, methods)
     claim = {m: dominance(mean["perfusion"], mean[m]) for m in methods if m != "perfusion" and "perfusion" in mean}
     per_instance_claim = {n: {m: dominance(r["perfusion"], r[m]) for m in methods if m != "perfusion"}
