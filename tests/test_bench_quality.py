@@ -114,6 +114,23 @@ def test_quick_ablations_report(quick_run):
     text = paths[3].read_text()
     assert "quality-ablations-quick.png" in text and "plain ROME" in text and "off the bias curve" in text
     assert "ablation rome:" in r.stderr
+    assert set(rep["delta_se"]) == set(ids)   # one image per point: no spread (nan), and the table says nothing of it
+    assert "(noise)" not in text
+
+
+def test_paired_se_closed_form():
+    """Δ's standard error pools the per-image differences of every instance: here 1, 2 (instance x) and 3, 4 (y),
+    whose sample standard deviation is √(5/3), over √4."""
+    from perfusion_cli.bench.ablations import REFERENCE, paired_se
+
+    def pt(al, fi):
+        return {"alignment_per_image": al, "fidelity_per_image": fi}
+
+    results = {"x": {REFERENCE: pt([0.0, 0.0], [0.5, 0.5]), "v": pt([1.0, 2.0], [0.5, 0.5])},
+               "y": {REFERENCE: pt([1.0, 1.0], [0.2, 0.4]), "v": pt([4.0, 5.0], [0.2, 0.4])}}
+    se = paired_se(results, "v")
+    assert se["alignment"] == pytest.approx(np.sqrt(5 / 3) / 2)
+    assert se["fidelity"] == 0.0
 
 
 def test_quick_pairs_report(quick_run):

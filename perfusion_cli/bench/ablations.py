@@ -90,6 +90,18 @@ def off_curve(curve: list[dict], point: dict) -> float | None:
     return point["fidelity"] - float(np.interp(point["alignment"], [p[0] for p in pts], [p[1] for p in pts]))
 
 
+def paired_se(results: dict, vid: str) -> dict:
+    """Standard error of the variant's Δ on each axis: the variant and the plain concept render the same prompts
+    with the same seeds, so Δ is the mean of per-image differences (over every instance's images), and its
+    standard error is their standard deviation over √n. |Δ| under 2 SE is within the noise of the renders."""
+    out = {}
+    for axis in ("alignment", "fidelity"):
+        d = np.concatenate([np.subtract(r[vid][f"{axis}_per_image"], r[REFERENCE][f"{axis}_per_image"])
+                            for r in results.values()])
+        out[axis] = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return out
+
+
 def run_ablations(bench: Bench) -> dict:
     """Every variant on every instance; the ablations report's own fields."""
     cfg = bench.cfg
@@ -129,6 +141,7 @@ def run_ablations(bench: Bench) -> dict:
         "off_curve": {v.id: off_curve(mean_curve, mean[v.id]) for v in vs},
         "delta": {v.id: {axis: mean[v.id][axis] - mean[REFERENCE][axis] for axis in ("alignment", "fidelity")}
                   for v in vs},
+        "delta_se": {v.id: paired_se(results, v.id) for v in vs},
         "train_seconds": {vid: float(np.mean(s)) for vid, s in train_s.items() if s},
         "reference_train_seconds": float(np.mean([bench.train_seconds[(n, "perfusion")] for n in bench.names])),
     }
@@ -170,14 +183,24 @@ def markdown(report: dict) -> str:
     r0 = report["mean"][REFERENCE]
     a(f"| perfusion (plain) | — | {r0['alignment']:.3f} | {r0['fidelity']:.3f} | | | | "
       f"{report['reference_train_seconds']:.0f} s training | |")
+    se = report.get("delta_se") or {v["id"]: paired_se(report["results"], v["id"]) for v in report["variants"]}
+
+    def with_se(d: float, e: float) -> str:
+        if not np.isfinite(e):  # one image per point (--quick): no spread to measure
+            return f"{d:+.3f}"
+        return f"{d:+.3f} ± {e:.3f}" + ("" if abs(d) >= 2 * e else " (noise)")
+
     for v in report["variants"]:
         pt, dl, off = report["mean"][v["id"]], report["delta"][v["id"]], report["off_curve"][v["id"]]
+        e = se[v["id"]]
         cost = f"{report['train_seconds'][v['id']]:.0f} s training" if v["trained"] else "renders only"
-        a(f"| {v['label']} | {v['what']} | {pt['alignment']:.3f} | {pt['fidelity']:.3f} | {dl['alignment']:+.3f} | "
-          f"{dl['fidelity']:+.3f} | {'outside' if off is None else f'{off:+.3f}'} | {cost} | {v['expected']} |")
+        a(f"| {v['label']} | {v['what']} | {pt['alignment']:.3f} | {pt['fidelity']:.3f} | "
+          f"{with_se(dl['alignment'], e['alignment'])} | {with_se(dl['fidelity'], e['fidelity'])} | "
+          f"{'outside' if off is None else f'{off:+.3f}'} | {cost} | {v['expected']} |")
     a("")
     curve = "; ".join(f"{p['knob']:g}: {p['alignment']:.3f}, {p['fidelity']:.3f}" for p in report["mean_bias_curve"])
-    a("Δ: the variant minus the plain concept at its default gate (higher is better on both axes). Off the bias "
+    a("Δ: the variant minus the plain concept at its default gate (higher is better on both axes), ± its standard "
+      "error over the paired images (same prompts and seeds; 'noise': |Δ| under 2 standard errors). Off the bias "
       "curve: the variant's fidelity minus the plain concept's bias curve's at the variant's alignment (interpolated; "
       "'outside' when no bias reaches that alignment): near 0 the variant only moved along the curve, a trade like a "
       f"change of β; above 0 it is better, below 0 worse. The plain bias curve (β: alignment, fidelity): {curve}.")
