@@ -9,6 +9,9 @@ lr_embedding`; TI's recipe is only changed if another rate beats its paper's 5e-
 
     python scripts/embedding_lr_sweep.py                      # tealcat, blazedog; ~20 min on 2 CPU cores
     python scripts/embedding_lr_sweep.py --instances tealcat --out /tmp/sweep.json
+    python scripts/embedding_lr_sweep.py --instances patchcat,sockdog --perfusion-lrs 6e-3,4e-3,2.5e-3 --ti-lrs ""
+
+The choice is made over every instance and rate the file holds, among the rates measured on all of them.
 
 Writes docs/benchmarks/lr-embedding-dev-sweep.json (resumable: finished cells are kept).
 """
@@ -29,6 +32,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--instances", default="tealcat,blazedog")
     ap.add_argument("--out", default="docs/benchmarks/lr-embedding-dev-sweep.json")
+    ap.add_argument("--perfusion-lrs", default=",".join(f"{x:g}" for x in PERFUSION_LRS))
+    ap.add_argument("--ti-lrs", default=",".join(f"{x:g}" for x in TI_LRS))
     args = ap.parse_args()
 
     from perfusion_cli.bench.quality import WORD, Bench, QualityConfig
@@ -37,6 +42,7 @@ def main() -> None:
     from perfusion_cli.toyworld import world as tw
 
     names = [n.strip() for n in args.instances.split(",") if n.strip()]
+    rates = lambda text: [float(x) for x in text.split(",") if x.strip()]  # noqa: E731
     reporting = {i.name for i in tw.REPORTING_INSTANCES}
     if reporting & set(names):
         raise SystemExit(f"{sorted(reporting & set(names))} are reporting instances: choose on development ones")
@@ -58,7 +64,7 @@ def main() -> None:
         if "base model" not in r:
             bp = bench.base_point(name)
             r["base model"] = {"alignment": round(bp["alignment"], 4), "fidelity": round(bp["fidelity"], 4)}
-        for method, lrs in (("perfusion", PERFUSION_LRS), ("ti", TI_LRS)):
+        for method, lrs in (("perfusion", rates(args.perfusion_lrs)), ("ti", rates(args.ti_lrs))):
             for lr in lrs:
                 cell = r.setdefault(method, {})
                 if f"{lr:g}" in cell:
@@ -78,10 +84,14 @@ def main() -> None:
                 out.write_text(json.dumps(doc, indent=1))
     doc["choice"] = {}
     for method in ("perfusion", "ti"):
-        lrs = {lr for n in names for lr in res[n].get(method, {})}
-        means = {lr: sum(p["alignment"] + p["fidelity"] for n in names for p in res[n][method][lr]["points"].values())
-                 / sum(len(res[n][method][lr]["points"]) for n in names) for lr in lrs}
-        doc["choice"][method] = {"scores": {k: round(v, 4) for k, v in means.items()}, "best": max(means, key=means.get)}
+        measured = [n for n in res if res[n].get(method)]
+        if not measured:
+            continue
+        lrs = set.intersection(*(set(res[n][method]) for n in measured))  # rates measured on every instance
+        means = {lr: sum(p["alignment"] + p["fidelity"] for n in measured for p in res[n][method][lr]["points"].values())
+                 / sum(len(res[n][method][lr]["points"]) for n in measured) for lr in lrs}
+        doc["choice"][method] = {"instances": measured, "scores": {k: round(v, 4) for k, v in means.items()},
+                                 "best": max(means, key=means.get)}
     out.write_text(json.dumps(doc, indent=1))
     print(json.dumps(doc["choice"], indent=1))
 
