@@ -43,6 +43,10 @@ class TrainConfig:
     batch_size: int = 4           # images per forward pass
     grad_accum: int = 4           # forward passes per optimiser step: 4 × 4 = the paper's batch 16 (§6)
     lr_embedding: float = 6e-3    # AdamW learning rate of the token embedding (§6)
+    embedding_max_ratio: float | None = None  # not in the paper, an experiment (library only): after each step,
+                                  # scale the embedding back to at most this many times a typical word's norm (the
+                                  # vocabulary's median row). On the toy world it did worse than a lower lr
+                                  # (docs/benchmarks/README.md, "The embedding learning rate"); None: no limit
     lr_value: float = 3e-2        # AdamW learning rate of o*_V (§6)
     weight_decay: float = 0.0     # AdamW weight decay (targets and embeddings are not regularised)
     train_beta: float = 0.75      # gate bias during training (§6)
@@ -66,7 +70,7 @@ class TrainConfig:
 
 
 # TrainConfig fields added after checkpoints were first written: a checkpoint without one was made with this value
-_CONFIG_ADDED = {"lock_keys": True}
+_CONFIG_ADDED = {"lock_keys": True, "embedding_max_ratio": None}
 
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
@@ -98,13 +102,26 @@ def config_for(profile_train: dict | None, **fields) -> TrainConfig:
 INFLATED_EMBEDDING = 3.0
 
 
+def typical_word_norms(pipe) -> list[float]:
+    """Per text encoder, the median norm of its token-embedding table's rows: what a word's embedding measures."""
+    return [float(enc.get_input_embeddings().weight.detach().float().norm(dim=1).median())
+            for _, enc in text_stack(pipe)]
+
+
 def embedding_norm_ratio(pipe, embeddings: list[torch.Tensor]) -> float:
     """max over text encoders of |learned embedding| / median |row| of that encoder's token-embedding table."""
-    ratios = []
-    for (_, enc), e in zip(text_stack(pipe), embeddings):
-        typical = enc.get_input_embeddings().weight.detach().float().norm(dim=1).median()
-        ratios.append(float(e.float().norm().cpu() / typical.cpu()))
+    ratios = [float(e.detach().float().norm().cpu()) / t for t, e in zip(typical_word_norms(pipe), embeddings)]
     return round(max(ratios), 3) if ratios else 0.0
+
+
+@torch.no_grad()
+def limit_norms(embeddings, limits: list[float]) -> None:
+    """Scale each embedding in place onto the ball of its limit's radius if it lies outside (a projection: the
+    direction is kept); those inside are left as they are."""
+    for e, r in zip(embeddings, limits):
+        n = float(e.float().norm())
+        if n > r:
+            e.mul_(r / n)
 
 
 @dataclass
@@ -124,6 +141,8 @@ def check_config(cfg: TrainConfig) -> None:
         bad("--batch-size and --grad-accum must be positive")
     if not (cfg.lr_embedding > 0 and cfg.lr_value > 0):
         bad("learning rates must be positive")
+    if cfg.embedding_max_ratio is not None and not cfg.embedding_max_ratio > 0:
+        bad(f"embedding_max_ratio must be a positive multiple of a word's norm, got {cfg.embedding_max_ratio}")
     for label, b in (("--train-beta", cfg.train_beta), ("--beta", cfg.render_beta)):
         if not (0.0 <= b <= 1.0):
             bad(f"{label} must be between 0 and 1 (a similarity threshold), got {b}")
@@ -293,6 +312,8 @@ class Trainer:
             if resume and ckpt is not None and ckpt.is_file():
                 self.load_checkpoint(ckpt, state, opt)
             loss_value = float("nan")
+            limits = (None if cfg.embedding_max_ratio is None else
+                      [cfg.embedding_max_ratio * t for t in typical_word_norms(pipe)])
             while state.step < cfg.steps:
                 opt.zero_grad(set_to_none=True)
                 total = torch.zeros((), device=self.device)
@@ -301,6 +322,8 @@ class Trainer:
                     loss.backward()
                     total += loss.detach()  # stays on the device: one host sync per step, below
                 opt.step()
+                if limits is not None:
+                    limit_norms(state.embeddings, limits)
                 state.step += 1
                 loss_value = float(total)
                 if not math.isfinite(loss_value):
@@ -461,7 +484,8 @@ class Trainer:
             saved_cfg = json.loads(meta.get("config", "{}"))
             if meta.get("supercategory") != self.super:
                 raise PerfusionError(f"checkpoint {path} is for --super {meta.get('supercategory')}; drop --resume")
-            for key in ("batch_size", "grad_accum", "lr_embedding", "lr_value", "flip", "seed", "lock_keys"):
+            for key in ("batch_size", "grad_accum", "lr_embedding", "embedding_max_ratio", "lr_value", "flip", "seed",
+                        "lock_keys"):
                 saved = saved_cfg.get(key, _CONFIG_ADDED.get(key))
                 if saved != getattr(self.cfg, key):
                     raise PerfusionError(

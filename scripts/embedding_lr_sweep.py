@@ -34,6 +34,9 @@ def main() -> None:
     ap.add_argument("--out", default="docs/benchmarks/lr-embedding-dev-sweep.json")
     ap.add_argument("--perfusion-lrs", default=",".join(f"{x:g}" for x in PERFUSION_LRS))
     ap.add_argument("--ti-lrs", default=",".join(f"{x:g}" for x in TI_LRS))
+    ap.add_argument("--embedding-max-ratio", type=float, default=None,
+                    help="Perfusion: also hold the embedding's norm to this many times a word's (TrainConfig."
+                         "embedding_max_ratio); its cells are keyed 'LR@maxR'")
     args = ap.parse_args()
 
     from perfusion_cli.bench.quality import WORD, Bench, QualityConfig
@@ -67,20 +70,22 @@ def main() -> None:
         for method, lrs in (("perfusion", rates(args.perfusion_lrs)), ("ti", rates(args.ti_lrs))):
             for lr in lrs:
                 cell = r.setdefault(method, {})
-                if f"{lr:g}" in cell:
+                cap = args.embedding_max_ratio if method == "perfusion" else None
+                key = f"{lr:g}" + (f"@max{cap:g}" if cap else "")
+                if key in cell:
                     continue
                 t = time.perf_counter()
                 if method == "perfusion":
-                    c = bench.train_perfusion(name, "sweep", lr_embedding=lr)
+                    c = bench.train_perfusion(name, "sweep", lr_embedding=lr, embedding_max_ratio=cap)
                     points = {f"{b:g}": score(name, c, gates={c.name: Gate(b, c.tensors.tau)}) for b in BIASES}
                 else:
                     mcfg = recipe("ti", steps=bench.cfg.steps, batch_size=4, seed=bench.cfg.seed, lr=lr, lr_embedding=lr)
                     c = train_baseline(bench.base, WORD, tw.INSTANCES_BY_NAME[name].supercategory, bench.photos(name),
                                        mcfg)
                     points = {"final": score(name, c)}
-                cell[f"{lr:g}"] = {"points": points, "embedding_norm": round(float(c.embeddings[0].norm()), 4),
-                                   "seconds": round(time.perf_counter() - t)}
-                print(name, method, f"{lr:g}", cell[f"{lr:g}"], flush=True)
+                cell[key] = {"points": points, "embedding_norm": round(float(c.embeddings[0].norm()), 4),
+                             "seconds": round(time.perf_counter() - t)}
+                print(name, method, key, cell[key], flush=True)
                 out.write_text(json.dumps(doc, indent=1))
     doc["choice"] = {}
     for method in ("perfusion", "ti"):

@@ -101,6 +101,36 @@ def test_key_targets_are_locked_and_value_targets_train(tmp_path):
         assert not torch.allclose(concept.tensors.value_targets[name], attn.to_v.weight @ i_super, atol=1e-4)
 
 
+def test_limit_norms_projects_onto_the_ball():
+    """limit_norms scales a vector outside the ball back onto it, keeping its direction, and leaves one inside."""
+    from perfusion_cli.training import limit_norms
+
+    outside, inside = torch.tensor([3.0, 4.0]), torch.tensor([0.3, 0.4])
+    limit_norms([outside, inside], [2.5, 2.5])
+    torch.testing.assert_close(outside, torch.tensor([1.5, 2.0]))    # |(3, 4)| = 5 → radius 2.5
+    torch.testing.assert_close(inside, torch.tensor([0.3, 0.4]))
+
+
+def test_embedding_max_ratio_holds_the_learned_embedding(tmp_path):
+    """With a learning rate that would inflate it, the learned embedding ends exactly at the limit: limit × the
+    median norm of the token-embedding table's rows (computed here independently)."""
+    pipe = tiny_pipeline("sd1")
+    C = estimate(pipe, PROMPTS)
+    cfg = TrainConfig(steps=3, batch_size=2, grad_accum=1, checkpoint_every=0, templates=["a photo of a {}"],
+                      lr_embedding=0.5, embedding_max_ratio=1.5)
+    concept = Trainer(base_of(pipe), "mycat", "cat", inverse_covariance(C), cfg).fit(photo_set(), workdir=tmp_path)
+    word = pipe.text_encoder.get_input_embeddings().weight.detach().norm(dim=1).median()
+    assert float(concept.embeddings[0].norm() / word) == pytest.approx(1.5, rel=1e-4)
+    assert concept.training["embedding_norm_ratio"] == pytest.approx(1.5, abs=1e-3)
+    free = Trainer(base_of(pipe), "mycat", "cat", inverse_covariance(C),
+                   TrainConfig(**{**cfg.__dict__, "embedding_max_ratio": None})).fit(photo_set(), workdir=tmp_path / "f")
+    assert float(free.embeddings[0].norm() / word) > 1.5   # without the limit it grows past it
+    from perfusion_cli.training import check_config
+
+    with pytest.raises(PerfusionError, match="embedding_max_ratio must be a positive"):
+        check_config(TrainConfig(embedding_max_ratio=0.0))
+
+
 def test_lock_keys_false_trains_key_targets(tmp_path):
     """TrainConfig.lock_keys (§4): True keeps o*_K at W_K·i_super (computed here independently); False, the
     paper's ablation, starts o*_K there and trains it, and the concept carries the trained o*_K."""
