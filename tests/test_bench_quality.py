@@ -134,7 +134,7 @@ def test_paired_se_closed_form():
 
 
 def test_quick_pairs_report(quick_run):
-    from perfusion_cli.bench.pairs import GOAL
+    from perfusion_cli.bench.pairs import GOAL, WORLD
 
     r, paths, reports = quick_run
     rep = reports["pairs"]
@@ -142,10 +142,11 @@ def test_quick_pairs_report(quick_run):
     combos = ["perfusion-exact", "perfusion-approximate", "ti", "lora-0.5", "lora-1"]
     assert [c["id"] for c in rep["combinations"]] == combos
     row = rep["results"]["hatcat+scarfcat"]
-    assert set(row) == {"base model", *combos}
+    assert set(row) == {WORLD, "base model", *combos}
     for cid, res in row.items():
         assert res["images"] == rep["images_per_pair"] == 1
-        for key in ("both_recognised", "recognised_a", "recognised_b", "fidelity_a", "fidelity_b", "alignment"):
+        for key in ("both_recognised", "recognised_a", "recognised_b", "asked_kinds", "fidelity_a", "fidelity_b",
+                    "alignment"):
             assert _unit(res[key]), (cid, key, res[key])
         assert res["both_recognised"] <= min(res["recognised_a"], res["recognised_b"])
     assert set(rep["claim"]) == set(combos)
@@ -156,6 +157,9 @@ def test_quick_pairs_report(quick_run):
     assert (ex["fidelity_a"], ex["fidelity_b"]) != (ap["fidelity_a"], ap["fidelity_b"])
     text = paths[6].read_text()
     assert "Recognised" in text and ("met" in text or "missed" in text) and "hatcat + scarfcat" in text
+    # the reference of the world's own picture of both: the evaluator recognises both, and finds both kinds (cats)
+    assert row[WORLD]["both_recognised"] == 1.0 and row[WORLD]["asked_kinds"] == 1.0
+    assert WORLD not in rep["claim"] and "the evaluator's ceiling" in text and "asked kinds found" in text
     assert "pairs, perfusion-exact: both concepts recognised in" in r.stderr
 
 
@@ -245,3 +249,52 @@ def test_pareto_counts_points_beaten_on_both_axes():
     r = pareto(perf, other)
     assert (r["other_beaten"], r["other_points"], r["perfusion_beaten"], r["perfusion_points"]) == (1, 2, 1, 2)
     assert pareto(perf, perf)["other_beaten"] == 0   # a point does not beat itself
+
+
+def test_world_pairs_and_asked_kinds():
+    """The pairs report's references: the world's own pictures of both instances, per scene, and the check that an
+    object of every asked kind is found (true of such a picture, false of an empty scene or of a third kind)."""
+    from perfusion_cli.bench.pairs import asked_kinds_found, scene_of, world_pairs
+    from perfusion_cli.toyworld import world as tw
+
+    assert scene_of("a {a} and a {b} on a beach") == "on a beach"
+    groups = world_pairs("hatcat", "spotdog", ["on grass", "at night"], 2)
+    assert [len(g) for g in groups] == [2, 2]
+    assert all(im.shape == (64, 64, 3) and im.dtype == np.uint8 for g in groups for im in g)
+    assert all(asked_kinds_found(im, ("cat", "dog")) for g in groups for im in g)
+    assert not asked_kinds_found(groups[0][0], ("cat", "dog", "car"))
+    assert not asked_kinds_found(tw.background("on grass"), ("cat",))   # uint8, no object
+
+
+def test_merged_ablations_equal_one_run_of_all_instances():
+    """merge() of two runs on different instances gives what summarise() gives on all the instances at once, with
+    training seconds averaged per instance; runs of different settings, or sharing an instance, do not merge."""
+    from perfusion_cli.bench.ablations import REFERENCE, merge, summarise
+
+    def pt(al, fi):
+        return {"alignment": float(np.mean(al)), "fidelity": float(np.mean(fi)),
+                "alignment_per_image": al, "fidelity_per_image": fi}
+
+    def run(names, offset, seconds):
+        results = {n: {REFERENCE: pt([0.5 + offset, 0.6], [0.4, 0.5]), "v": pt([0.7, 0.2 + offset], [0.3, 0.9])}
+                   for n in names}
+        curves = {n: [{"knob": b, "alignment": 0.5 + b / 10, "fidelity": 0.6 - b / 5 + offset} for b in (0.5, 0.9)]
+                  for n in names}
+        cfg = {**QualityConfig().__dict__, "instances": names, "biases": [0.5, 0.9]}
+        return {"part": "ablations", "variants": [{"id": "v"}], "results": results, "bias_curves": curves,
+                **summarise(results, curves, ["v"], [0.5, 0.9]), "train_seconds": {"v": seconds},
+                "reference_train_seconds": seconds / 2, "config": cfg, "model": "toy",
+                "machine": {"date": f"d{offset}"}, "total_s": 60.0}
+
+    a, b = run(["x"], 0.0, 10.0), run(["y", "z"], 0.1, 40.0)
+    m = merge([a, b])
+    whole = summarise({**a["results"], **b["results"]}, {**a["bias_curves"], **b["bias_curves"]}, ["v"], [0.5, 0.9])
+    for key in ("mean", "mean_bias_curve", "off_curve", "delta", "delta_se"):
+        assert m[key] == whole[key], key
+    assert m["config"]["instances"] == ["x", "y", "z"] and m["total_s"] == 120.0
+    assert m["train_seconds"]["v"] == pytest.approx((10 + 2 * 40) / 3) and len(m["merged_from"]) == 2
+    assert len(merge([m, run(["w"], 0.3, 1.0)])["merged_from"]) == 3   # a merged report merges on
+    with pytest.raises(PerfusionError, match="differ in seeds"):
+        merge([a, {**b, "config": {**b["config"], "seeds": 9}}])
+    with pytest.raises(PerfusionError, match="an instance is in two reports"):
+        merge([a, run(["x"], 0.2, 1.0)])

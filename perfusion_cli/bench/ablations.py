@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import PerfusionError
 from .quality import WORD, Bench, draw_curves, header, measured, perfusion_key, reproduce
 
 # what each ablation changes, and what PERFUSION.md says to expect ("" where it says nothing)
@@ -127,23 +128,68 @@ def run_ablations(bench: Bench) -> dict:
             row[v.id] = bench.point(name, [concept], _options(concept, **v.render))
         bench.progress(stage, len(vs), len(vs))
         results[name] = row
-    mean = {vid: {axis: float(np.mean([r[vid][axis] for r in results.values()])) for axis in ("alignment", "fidelity")}
-            for vid in (REFERENCE, *[v.id for v in vs])}
-    mean_curve = [{"knob": b, **{axis: float(np.mean([c[k][axis] for c in curves.values()]))
-                                 for axis in ("alignment", "fidelity")}} for k, b in enumerate(cfg.biases)]
     return {
         "variants": [{"id": v.id, "ablation": v.ablation, "label": v.label, "what": ABOUT[v.ablation][0],
                       "expected": ABOUT[v.ablation][1], "trained": v.train is not None, "train_config": v.train,
                       "photos": v.photos, "render": v.render} for v in vs],
         "reference": gate,   # the plain concept's default gate, at which every point is rendered
         "images_per_point": len(cfg.prompts) * cfg.seeds,
-        "results": results, "mean": mean, "bias_curves": curves, "mean_bias_curve": mean_curve,
-        "off_curve": {v.id: off_curve(mean_curve, mean[v.id]) for v in vs},
-        "delta": {v.id: {axis: mean[v.id][axis] - mean[REFERENCE][axis] for axis in ("alignment", "fidelity")}
-                  for v in vs},
-        "delta_se": {v.id: paired_se(results, v.id) for v in vs},
+        "results": results, "bias_curves": curves,
+        **summarise(results, curves, [v.id for v in vs], cfg.biases),
         "train_seconds": {vid: float(np.mean(s)) for vid, s in train_s.items() if s},
         "reference_train_seconds": float(np.mean([bench.train_seconds[(n, "perfusion")] for n in bench.names])),
+    }
+
+
+def summarise(results: dict, curves: dict, ids: list[str], biases) -> dict:
+    """What the report derives from the per-instance points: means over instances, the mean bias curve, each
+    variant's Δ (with its paired standard error) and its distance off that curve."""
+    mean = {vid: {axis: float(np.mean([r[vid][axis] for r in results.values()])) for axis in ("alignment", "fidelity")}
+            for vid in (REFERENCE, *ids)}
+    mean_curve = [{"knob": b, **{axis: float(np.mean([c[k][axis] for c in curves.values()]))
+                                 for axis in ("alignment", "fidelity")}} for k, b in enumerate(biases)]
+    return {
+        "mean": mean, "mean_bias_curve": mean_curve,
+        "off_curve": {vid: off_curve(mean_curve, mean[vid]) for vid in ids},
+        "delta": {vid: {axis: mean[vid][axis] - mean[REFERENCE][axis] for axis in ("alignment", "fidelity")}
+                  for vid in ids},
+        "delta_se": {vid: paired_se(results, vid) for vid in ids},
+    }
+
+
+MERGE_SAME = ("methods", "steps", "photos", "prompts", "seeds", "biases", "render_steps", "seed", "device", "quick",
+              "ablations", "train_betas")
+
+
+def merge(reports: list[dict]) -> dict:
+    """One ablations report from several runs of the same settings on different instances (each instance's points
+    depend only on its own seeded training and renders, so this is the report one run of all of them makes).
+    Training seconds are averaged over instances; the minutes are summed; the machine is the first run's."""
+    first = reports[0]
+    for r in reports[1:]:
+        diff = [k for k in MERGE_SAME if r["config"].get(k) != first["config"].get(k)]
+        if diff or r["model"] != first["model"]:
+            raise PerfusionError(f"ablations reports differ in {', '.join(diff) or 'model'}; only runs of the same "
+                                 "settings merge")
+    names = [n for r in reports for n in r["results"]]
+    if len(set(names)) != len(names):
+        raise PerfusionError(f"an instance is in two reports ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
+    results = {n: p for r in reports for n, p in r["results"].items()}
+    curves = {n: c for r in reports for n, c in r["bias_curves"].items()}
+    ids = [v["id"] for v in first["variants"]]
+
+    def per_instance(get) -> float:
+        return float(sum(get(r) * len(r["results"]) for r in reports) / len(names))
+
+    return {
+        **first, "results": results, "bias_curves": curves,
+        **summarise(results, curves, ids, first["config"]["biases"]),
+        "train_seconds": {vid: per_instance(lambda r: r["train_seconds"][vid]) for vid in first["train_seconds"]},
+        "reference_train_seconds": per_instance(lambda r: r["reference_train_seconds"]),
+        "config": {**first["config"], "instances": names},
+        "total_s": float(sum(r["total_s"] for r in reports)),
+        "merged_from": [m for r in reports for m in r.get("merged_from") or
+                        [{"instances": list(r["results"]), "date": r["machine"].get("date"), "total_s": r["total_s"]}]],
     }
 
 
@@ -166,7 +212,11 @@ def markdown(report: dict) -> str:
     L: list[str] = []
     a = L.append
     L += header("Ablations of Perfusion (toy world)", report)
-    a(f"{measured(report)} Instances: {', '.join(c['instances'])}. Each "
+    merged = ""
+    if report.get("merged_from"):   # ablations.merge: runs of the same settings on different instances
+        runs = "; ".join(f"{', '.join(m['instances'])}: {m['date']}" for m in report["merged_from"])
+        merged = f" Measured in {len(report['merged_from'])} runs of the same settings, merged ({runs})."
+    a(f"{measured(report)}{merged} Instances: {', '.join(c['instances'])}. Each "
       "variant changes one thing against the plain Perfusion concept of the same instance (trained once, shared "
       f"with the methods part) and is rendered at its concept's default gate (β {ref['beta']:g}, "
       f"τ {ref['tau']:g}), {len(c['prompts'])} prompts × {c['seeds']} seeds = {report['images_per_point']} "
