@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from perfusion_cli.bench.pairs import WORDS, asked_kinds_found, scene_of, world_pairs
+from perfusion_cli.bench.pairs import WORDS, covers, object_kinds, scene_of, world_pairs
 from perfusion_cli.bench.quality import PAIR_PROMPTS, Bench, QualityConfig
 from perfusion_cli.toyworld import evaluate as ev
 from perfusion_cli.toyworld import world as tw
@@ -38,19 +38,13 @@ DEFAULT_PAIRS = "hatcat+scarfcat,scarfcat+spotdog,spotdog+golddog,golddog+beachb
 SCENE_OF = {p: scene_of(p) for p in PAIR_PROMPTS}
 
 
-def objects(image: np.ndarray) -> list[str]:
-    """The kinds of the objects the evaluator finds in an image (existence ≥ evaluate.MIN_EXISTENCE)."""
-    p = ev.perceive(image)
-    return [tw.KINDS[int(np.argmax(o.kind))] for o in p.objects if o.existence >= ev.MIN_EXISTENCE]
-
-
 def describe(images: list[np.ndarray], a: str | None, b: str | None, kinds: tuple[str, ...]) -> dict:
     """Per image: objects found, whether every asked kind (`kinds`, one entry per object asked for) is there, and
     which instances are recognised."""
     rows = []
     for im in images:
-        ks = objects(im)
-        row = {"objects": len(ks), "kinds": ks, "asked_kinds": asked_kinds_found(im, kinds)}
+        ks = object_kinds(im)
+        row = {"objects": len(ks), "kinds": ks, "asked_kinds": covers(ks, kinds)}
         for tag, name in (("a", a), ("b", b)):
             if name is not None:
                 r = ev.recognition(im, name)

@@ -298,3 +298,10 @@ def test_merged_ablations_equal_one_run_of_all_instances():
         merge([a, {**b, "config": {**b["config"], "seeds": 9}}])
     with pytest.raises(PerfusionError, match="an instance is in two reports"):
         merge([a, run(["x"], 0.2, 1.0)])
+
+
+def test_covers_counts_each_asked_object():
+    from perfusion_cli.bench.pairs import covers
+
+    assert covers(["cat", "dog", "tree"], ("cat", "dog")) and covers(["cat", "cat"], ("cat", "cat"))
+    assert not covers(["cat"], ("cat", "cat")) and not covers([], ("ball",)) and covers([], ())

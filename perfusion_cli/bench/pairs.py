@@ -98,17 +98,26 @@ def scene_of(prompt: str) -> str:
     return next(s for s in tw.SCENES if prompt.endswith(s))
 
 
-def asked_kinds_found(image: np.ndarray, kinds: tuple[str, ...]) -> bool:
-    """Does the evaluator find an object of every asked kind (one object per entry of kinds)?"""
+def object_kinds(image: np.ndarray) -> list[str]:
+    """The kind of each object the evaluator finds in an image (existence ≥ evaluate.MIN_EXISTENCE)."""
     from ..toyworld import evaluate as ev
     from ..toyworld import world as tw
 
+    return [tw.KINDS[int(np.argmax(o.kind))] for o in ev.perceive(image).objects if o.existence >= ev.MIN_EXISTENCE]
+
+
+def covers(found: list[str], kinds: tuple[str, ...]) -> bool:
+    """Is there a found object for every asked kind (one object per entry of kinds: ("cat", "cat") needs two)?"""
     need = list(kinds)
-    for o in ev.perceive(image).objects:
-        k = tw.KINDS[int(np.argmax(o.kind))]
-        if o.existence >= ev.MIN_EXISTENCE and k in need:
+    for k in found:
+        if k in need:
             need.remove(k)
     return not need
+
+
+def asked_kinds_found(image: np.ndarray, kinds: tuple[str, ...]) -> bool:
+    """Does the evaluator find an object of every asked kind in the image?"""
+    return covers(object_kinds(image), kinds)
 
 
 def _renders(bench: Bench, combo: Combination, a: str, b: str) -> list[list[np.ndarray]]:
