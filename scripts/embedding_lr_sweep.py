@@ -41,7 +41,7 @@ def main() -> None:
 
     from perfusion_cli.bench.quality import WORD, Bench, QualityConfig
     from perfusion_cli.methods import recipe, train_baseline
-    from perfusion_cli.rendering import Applied, Gate
+    from perfusion_cli.rendering import Gate
     from perfusion_cli.toyworld import world as tw
 
     names = [n.strip() for n in args.instances.split(",") if n.strip()]
@@ -55,11 +55,9 @@ def main() -> None:
     doc.update({"what": __doc__.splitlines()[0], "criterion": "mean over instances and points of alignment + fidelity",
                 "prompts": list(bench.cfg.prompts), "seeds": bench.cfg.seeds, "steps": bench.cfg.steps})
     res = doc.setdefault("results", {})
-    prompts = [p.format(WORD) for p in bench.cfg.prompts]
 
-    def score(name, concept, **opts):
-        with Applied(bench.base.pipe, [concept], bench.cov.C, **opts) as applied:
-            pt = bench.score(name, bench.images(bench.applied_call(applied), prompts))
+    def score(name, concept, **opts):   # the benchmark's own point: its prompts and seeds, rendered and scored
+        pt = bench.point(name, [concept], opts)
         return {"alignment": round(pt["alignment"], 4), "fidelity": round(pt["fidelity"], 4)}
 
     for name in names:
