@@ -67,6 +67,7 @@ class TrainConfig:
     compile: bool = False         # torch.compile the UNet: its first step compiles (~1 min on a GPU; inductor
                                   # caches it on disk for later runs), later steps run faster (bench speed --compile)
     compile_mode: str = "default"  # torch.compile's mode: default | max-autotune-no-cudagraphs | max-autotune
+                                   # | reduce-overhead (the last two replay CUDA graphs on a GPU)
 
 
 # TrainConfig fields added after checkpoints were first written: a checkpoint without one was made with this value
@@ -74,6 +75,18 @@ _CONFIG_ADDED = {"lock_keys": True, "embedding_max_ratio": None}
 
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+
+
+# torch.compile modes that record the compiled UNet as CUDA graphs (on a CUDA device)
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def mark_step(compile_mode: str | None) -> None:
+    """Tell torch a new training step begins, so a CUDA-graphed UNet may reuse the memory of the last step's
+    outputs (their backward is done). Without it, cudagraph trees cannot tell a new step from a second forward in
+    the same one. A no-op for eager and non-CUDA-graph modes."""
+    if compile_mode in CUDAGRAPH_MODES:
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def compiled_unet(unet: torch.nn.Module, mode: str = "default") -> Callable:
@@ -318,6 +331,7 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
                 total = torch.zeros((), device=self.device)
                 for _ in range(cfg.grad_accum):
+                    mark_step(cfg.compile_mode if cfg.compile else None)
                     loss = self.micro_step(state, patch) / cfg.grad_accum
                     loss.backward()
                     total += loss.detach()  # stays on the device: one host sync per step, below
