@@ -66,19 +66,36 @@ class TrainConfig:
                                   # the concept file then stores the trained o*_K
     compile: bool = False         # torch.compile the UNet: its first step compiles (~1 min on a GPU; inductor
                                   # caches it on disk for later runs), later steps run faster (bench speed --compile)
-    compile_mode: str = "default"  # torch.compile's mode: default | max-autotune-no-cudagraphs | max-autotune
-                                   # | reduce-overhead (the last two replay CUDA graphs on a GPU)
+    compile_mode: str = "auto"    # torch.compile's mode: auto | default | max-autotune-no-cudagraphs |
+                                  # max-autotune | reduce-overhead (the last two replay CUDA graphs on a GPU).
+                                  # auto: reduce-overhead on CUDA (fastest measured, docs/benchmarks), else default
 
 
 # TrainConfig fields added after checkpoints were first written: a checkpoint without one was made with this value
 _CONFIG_ADDED = {"lock_keys": True, "embedding_max_ratio": None}
 
 
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+COMPILE_MODES = ("auto", "default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+
+
+def training_autocast(device: torch.device, dtype: torch.dtype) -> dict:
+    """torch.autocast arguments for a training step on a frozen model of this dtype: bf16 autocast for fp16 weights
+    on CUDA (fp16's range is too narrow for unscaled gradients); bf16 and fp32 weights run natively, with no casts
+    (bf16: as diffusers' textual-inversion script runs its frozen UNet). The trainable tensors stay fp32 always."""
+    return dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and dtype == torch.float16)
 
 
 # torch.compile modes that record the compiled UNet as CUDA graphs (on a CUDA device)
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def resolve_compile_mode(mode: str, device: torch.device, gradient_checkpointing: bool = False) -> str:
+    """The torch.compile mode `auto` stands for: CUDA graphs (reduce-overhead) on a CUDA device, where they took a
+    compiled SD 1.5 step from ~130 to 116 ms (docs/benchmarks/README.md); inductor's default elsewhere, and with
+    gradient checkpointing (CUDA graphs around recomputed activations were never measured). Others pass through."""
+    if mode != "auto":
+        return mode
+    return "reduce-overhead" if device.type == "cuda" and not gradient_checkpointing else "default"
 
 
 def mark_step(compile_mode: str | None) -> None:
@@ -163,7 +180,7 @@ def check_config(cfg: TrainConfig) -> None:
         if not (0.0 < t <= 1.0):
             bad(f"{label} must be in (0, 1], got {t}")
     if cfg.compile_mode not in COMPILE_MODES:
-        bad(f"compile mode {cfg.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
+        bad(f"--compile-mode {cfg.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
     if not (0.0 <= cfg.ema < 1.0):
         bad(f"EMA factor must be in [0, 1), got {cfg.ema}")
     for t in cfg.templates:
@@ -201,9 +218,11 @@ class Trainer:
             module.requires_grad_(False)
             module.eval()
         self.layers = patching.cross_attention_layers(self.pipe.unet)  # built once, used every step
-        self.unet = compiled_unet(self.pipe.unet, cfg.compile_mode) if cfg.compile else self.pipe.unet
-        self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16,
-                             enabled=self.device.type == "cuda" and base.dtype != torch.float32)
+        # the torch.compile mode this run uses (None: eager)
+        self.compile_mode = (resolve_compile_mode(cfg.compile_mode, self.device, cfg.gradient_checkpointing)
+                             if cfg.compile else None)
+        self.unet = compiled_unet(self.pipe.unet, self.compile_mode) if self.compile_mode else self.pipe.unet
+        self.autocast = training_autocast(self.device, base.dtype)
 
     # -- data -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -331,7 +350,7 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
                 total = torch.zeros((), device=self.device)
                 for _ in range(cfg.grad_accum):
-                    mark_step(cfg.compile_mode if cfg.compile else None)
+                    mark_step(self.compile_mode)
                     loss = self.micro_step(state, patch) / cfg.grad_accum
                     loss.backward()
                     total += loss.detach()  # stays on the device: one host sync per step, below
@@ -361,6 +380,7 @@ class Trainer:
         return Concept(
             name=self.name, supercategory=self.super, tensors=self.tensors(state), embeddings=embeddings,
             training={**{k: v for k, v in asdict(cfg).items() if k != "templates"},
+                      "compile_mode": self.compile_mode or cfg.compile_mode,   # auto resolved
                       "templates": self.templates, "images": [p.name for p in photos.paths],
                       "final_loss": loss_value, "embedding_norm_ratio": embedding_norm_ratio(self.pipe, embeddings)},
             created=now(),

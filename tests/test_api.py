@@ -95,3 +95,26 @@ def test_kv_cache_does_not_change_renders(toy_base, registry_with_concept):
         with Applied(toy_base.pipe, cs.concepts, C, cache=cache, global_lock=True) as a:
             out[cache] = render(a, ["a mybox on grass", "a red ball"], seed=3)
     assert (out[True] == out[False]).all()
+
+
+@pytest.mark.parametrize("method, dtype, want", [("perfusion", "auto", "bf16"), ("ti", "auto", "auto"),
+                                                  ("perfusion", "fp16", "fp16")])
+def test_train_loads_the_model_in_bf16_on_a_cuda_gpu(photos, perfusion_home, monkeypatch, method, dtype, want):
+    """api.train's dtype `auto` is the training dtype: bf16 on a CUDA GPU with bf16 (Perfusion runs it natively);
+    the baselines keep the render dtype; a dtype the user names is kept. (A CUDA device is faked up to the load.)"""
+    import torch
+    from perfusion_cli import api, models
+    from perfusion_cli.errors import PerfusionError
+
+    asked = []
+
+    def load(model, device="auto", dtype="auto", **kw):
+        asked.append(dtype)
+        raise PerfusionError("stop here")
+
+    monkeypatch.setattr(models, "pick_device", lambda device="auto": torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(models, "load", load)
+    with pytest.raises(PerfusionError, match="stop here"):
+        api.train(photos, "mycat", "box", model="toyworld", dtype=dtype, method=method)
+    assert asked == [want]

@@ -260,6 +260,26 @@ def test_compiled_training_is_timed_against_a_compiled_floor(tmp_path, monkeypat
     assert "--compile default" in result.command
     with pytest.raises(PerfusionError, match="--compile"):
         run_speed(SpeedConfig(scale="toy", device="cpu", compile="fastest"))
+    # `--compile auto` times what `train --compile` would use on that device
+    assert SpeedConfig(scale="toy", compile="auto").resolved(torch.device("cpu")).compile == "default"
+    assert SpeedConfig(scale="sd15", compile="auto").resolved(torch.device("cuda")).compile == "reduce-overhead"
+
+
+def test_cuda_graph_report_warns_that_its_memory_column_leaves_the_pool_out():
+    """The compiled section under a CUDA-graph mode tells the reader not to read memory from it."""
+    from perfusion_cli.bench.speed import _compiled_section
+
+    timing = {"median_s": 0.1, "min_s": 0.1, "max_s": 0.1, "n": 1}
+    cm = {"mode": "reduce-overhead", "step": timing, "floor": timing, "ratio": 1.0, "ratio_paired": 1.0,
+          "meets_goal": True, "floor_speedup_over_eager": 1.3, "compile_s": {"train": 1.0, "floor": 1.0},
+          "peak_memory": {"step": {"peak_bytes": 1, "delta_bytes": 1, "reserved_bytes": 1},
+                          "floor": {"peak_bytes": 1, "delta_bytes": 1, "reserved_bytes": 1}},
+          "full_concept_projected_s": 40.0}
+    for mode, cuda, warned in (("reduce-overhead", True, True), ("default", True, False),
+                               ("reduce-overhead", False, False)):
+        lines: list[str] = []
+        _compiled_section(lines.append, {**cm, "mode": mode}, cuda, "peak memory", lambda b: "meets" if b else "misses")
+        assert ("private memory pool" in "\n".join(lines)) is warned, (mode, cuda)
 
 
 def test_a_failing_compile_is_reported_not_fatal(tmp_path, monkeypatch):
@@ -279,3 +299,29 @@ def test_a_failing_compile_is_reported_not_fatal(tmp_path, monkeypatch):
     assert any("compiled training failed" in e for e in events)
     assert result.rendering["variants"]["1 concept"]["per_image"]["median_s"] > 0
     assert "**Failed** on this machine: `RuntimeError: no working C++ compiler found`" in markdown(result)
+
+
+def test_training_is_timed_in_the_training_dtype_and_rendering_in_the_render_dtype(tmp_path, monkeypatch):
+    """On a CUDA GPU `perfusion train` runs in bf16 while `render` runs in fp16: the benchmark times each in its own
+    dtype (faked here on a CPU: the training dtype made bf16) and says so in the report."""
+    from perfusion_cli import models
+
+    seen = {}
+    real_pick = models.pick_dtype
+    monkeypatch.setattr(models, "pick_dtype", lambda d, dev, training=False:
+                        torch.bfloat16 if training else real_pick(d, dev))
+    import perfusion_cli.bench.speed as speed
+
+    real_render = speed._bench_render
+
+    def render(base, *a, **k):
+        seen["render"] = (base.dtype, base.pipe.unet.dtype)
+        return real_render(base, *a, **k)
+
+    monkeypatch.setattr(speed, "_bench_render", render)
+    monkeypatch.setenv("PERFUSION_HOME", str(tmp_path))
+    result = run_speed(SpeedConfig(**dict(MINIMAL, full=False, low_memory=False, render_steps=1)))
+    tr = result.to_dict()["training"]
+    assert tr["dtype"] == "bfloat16" and tr["autocast"] is None
+    assert result.dtype == "float32" and seen["render"] == (torch.float32, torch.float32)
+    assert "float32, training in bfloat16, no autocast" in markdown(result)

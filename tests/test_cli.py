@@ -550,6 +550,14 @@ def test_train_compile_runs_the_steps_through_torch_compile(photos, perfusion_ho
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1   # the UNet, traced once
         assert json.loads(r.stdout)["metadata"]["concepts"][0]["training"]["compile"] is True
         assert "compiles the UNet" in r.stderr
+        # --compile-mode names the mode and implies --compile; `auto` on a CPU is inductor's default (above)
+        r = cli("train", photos, "--super", "box", "--name", "mycompiled2", "--compile-mode",
+                "max-autotune-no-cudagraphs", "--json", *FAST_TRAIN)
+        assert r.exit_code == 0, r.output
+        assert modes == ["default", "max-autotune-no-cudagraphs"]
+        assert json.loads(r.stdout)["metadata"]["concepts"][0]["training"]["compile_mode"] == "max-autotune-no-cudagraphs"
+        r = cli("train", photos, "--super", "box", "--name", "mycompiled3", "--compile-mode", "fastest", *FAST_TRAIN)
+        assert_clean_error(r, "--compile-mode 'fastest'", "auto, default")
     finally:
         torch._dynamo.reset()
 

@@ -83,7 +83,8 @@ class SpeedConfig:
 
     scale: str = "toy"                 # toy | sd15
     device: str = "auto"               # auto | cuda | mps | cpu
-    dtype: str = "auto"                # auto (fp16 on CUDA/MPS, fp32 on CPU) | fp32 | fp16 | bf16
+    dtype: str = "auto"                # auto (renders fp16 on CUDA/MPS, trains as `perfusion train`: bf16 on
+                                       # CUDA; fp32 on CPU) | fp32 | fp16 | bf16 (the given one for both)
     repeats: int | None = None         # interleaved rounds: training (train + floor) and rendering (3 variants)
     warmup: int | None = None          # discarded steps per training round; discarded render rounds
     train_batch: int | None = None     # images per training micro-step (and per floor step)
@@ -121,10 +122,11 @@ class SpeedConfig:
         if out.cfg < 0:
             raise PerfusionError(f"--cfg must be ≥ 0, got {out.cfg}")
         if out.compile is not None:
-            from ..training import COMPILE_MODES
+            from ..training import COMPILE_MODES, resolve_compile_mode
 
             if out.compile not in COMPILE_MODES:
                 raise PerfusionError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {out.compile!r}")
+            out.compile = resolve_compile_mode(out.compile, device)   # auto: what `train --compile` would use
         if out.sampler not in models.SAMPLERS:
             raise PerfusionError(f"unknown sampler {out.sampler!r}; choose one of {', '.join(models.SAMPLERS)}")
         return out
@@ -591,8 +593,9 @@ def floor_step(base: models.BaseModel, prompts: list[str], batch: int, autocast:
                seed: int = 0, compile_mode: str | None = None) -> FloorStep:
     """A callable running one floor step (see FloorStep); autocast as the Trainer's by default."""
     if autocast is None:
-        autocast = dict(device_type=base.device.type, dtype=torch.bfloat16,
-                        enabled=base.device.type == "cuda" and base.dtype != torch.float32)
+        from ..training import training_autocast
+
+        autocast = training_autocast(base.device, base.dtype)
     return FloorStep(base, prompts, batch, autocast, seed, compile_mode)
 
 
@@ -787,7 +790,9 @@ def _bench_compiled(base, C_inv, cfg: SpeedConfig, mem: PeakMemory, sync, tick, 
         floors += round_floors
         paired.append(statistics.median(round_steps) / statistics.median(round_floors))
     step_t, floor_t = Timing(steps), Timing(floors)
-    later = lambda xs: statistics.median(xs[1:]) if len(xs) > 1 else float("nan")
+    # a first call once compiled: later rounds' first calls; with one round, a timed step stands in (the set-up
+    # before a first step is milliseconds)
+    later = lambda xs, one_step: statistics.median(xs[1:]) if len(xs) > 1 else one_step
     return {
         "mode": cfg.compile,
         "step": step_t.to_dict(),
@@ -799,10 +804,11 @@ def _bench_compiled(base, C_inv, cfg: SpeedConfig, mem: PeakMemory, sync, tick, 
         "floor_speedup_over_eager": eager_floor_s / floor_t.median,
         # the first call's extra time in round 1 over later rounds' first calls: compiling (cold in this process;
         # torch's on-disk caches make a later process's compile shorter)
-        "compile_s": {"train": firsts[0] - later(firsts), "floor": floor_firsts[0] - later(floor_firsts)},
+        "compile_s": {"train": firsts[0] - later(firsts, step_t.median),
+                      "floor": floor_firsts[0] - later(floor_firsts, floor_t.median)},
         "first_call_s": {"train": firsts, "floor": floor_firsts},
         "peak_memory": {"step": _max_peak(train_mem), "floor": _max_peak(floor_mem)},
-        "full_concept_projected_s": later(firsts) - step_t.median + FULL_STEPS * FULL_BATCH / cfg.train_batch * step_t.median,
+        "full_concept_projected_s": later(firsts, step_t.median) - step_t.median + FULL_STEPS * FULL_BATCH / cfg.train_batch * step_t.median,
     }
 
 
@@ -1081,6 +1087,10 @@ def _run_speed(config: SpeedConfig, progress: Progress | None, on_event: Events,
 
             return tick
 
+        # training runs in `perfusion train`'s dtype (bf16 on a CUDA GPU with --dtype auto), rendering in render's
+        render_dtype, train_dtype = base.dtype, models.pick_dtype(cfg.dtype, dev, training=True)
+        base.pipe.to(dtype=train_dtype)
+        base = dataclasses.replace(base, dtype=train_dtype)
         training, trained = _bench_training(base, C_inv, cfg, mem, sync, ticker("training", n_train))
         if cfg.low_memory:
             training["low_memory"] = _bench_low_memory(base, C_inv, cfg, mem, sync,
@@ -1103,6 +1113,8 @@ def _run_speed(config: SpeedConfig, progress: Progress | None, on_event: Events,
                 on_event(f"warning: compiled training failed ({reason}); the report says so")
                 compiled = {"mode": cfg.compile, "error": reason}
             training["compiled"] = compiled
+        base.pipe.to(dtype=render_dtype)   # random or toy weights: the round trip's rounding changes no timing
+        base = dataclasses.replace(base, dtype=render_dtype)
         rendering = _bench_render(base, C, concepts, cfg, mem, sync,
                                   ticker("rendering", (cfg.warmup + cfg.repeats) * (5 if cfg.extra_variants else 3)))
         concept_file = _bench_concept_file(base, trained, cov_source, C, cfg, ticker("concept file", cfg.io_repeats))
@@ -1252,7 +1264,9 @@ def markdown(result: SpeedResult | dict) -> str:
         a(f"| load average (1 min) | {start[0]:.2f} at the start, {m['load_average'][0]:.2f} at the end |")
     if m.get("other_processes_cores") is not None:
         a(f"| other processes | {m['other_processes_cores']:.2f} cores busy on average during the run |")
-    a(f"| model | {r['model']}, {r['dtype']}" + (f", training autocast {tr['autocast']}" if tr.get("autocast") else "")
+    train_dt = (f", training in {tr['dtype']}" if tr.get("dtype", r["dtype"]) != r["dtype"] else "")
+    a(f"| model | {r['model']}, {r['dtype']}{train_dt}"
+      + (f", training autocast {tr['autocast']}" if tr.get("autocast") else ", no autocast")
       + f", device {r['device']} |")
     a("")
     a("## Training")
@@ -1381,6 +1395,7 @@ def markdown(result: SpeedResult | dict) -> str:
 
 
 def _compiled_section(a, cm: dict, cuda: bool, mem_head: str, ok) -> None:
+    from ..training import CUDAGRAPH_MODES
     a(f"### Compiled (`perfusion train --compile`, torch.compile mode `{cm['mode']}`)")
     a("")
     if cm.get("error"):
@@ -1398,6 +1413,11 @@ def _compiled_section(a, cm: dict, cuda: bool, mem_head: str, ok) -> None:
       f"{_mem(cm['peak_memory']['floor'], cuda)} |")
     a(f"| **ratio** | **{cm['ratio']:.2f}×** | paired {cm['ratio_paired']:.2f}× | |")
     a("")
+    if cuda and cm["mode"] in CUDAGRAPH_MODES:
+        a(f"Mode `{cm['mode']}` replays CUDA graphs, whose activations live in a private memory pool allocated "
+          "when a graph is recorded: the peak-memory column counts what was allocated after its reset, which "
+          "may leave that pool out. Read memory from the eager rows (and `--low-memory`'s), not these.")
+        a("")
     cs = cm["compile_s"]
     a(f"Goal ≤ {GOAL_TRAIN:.2f}× the (compiled) floor: **{ok(cm['meets_goal'])}** it. The compiled floor is "
       f"**{cm['floor_speedup_over_eager']:.2f}×** as fast as the eager floor above. Compiling cost "

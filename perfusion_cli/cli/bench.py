@@ -30,10 +30,10 @@ def speed(
     full: bool = typer.Option(None, "--full/--no-full", help="Also train one full concept for real (400 steps, `perfusion train`'s batch on this device) [sd15 on a GPU: on]."),
     full_steps: int = typer.Option(None, "--full-steps", help="Steps of that full concept [the profile's, 400]."),
     low_memory: bool = typer.Option(None, "--low-memory/--no-low-memory", help="Also time `train --low-memory` steps and their peak memory [on, except sd15 on a CPU]."),
-    compile_: str = typer.Option(None, "--compile", help="Also time `perfusion train --compile` with this torch.compile mode (default, max-autotune-no-cudagraphs, ...) against the floor with the same compiled UNet, and what compiling costs [off]."),
+    compile_: str = typer.Option(None, "--compile", help="Also time `perfusion train --compile` with this torch.compile mode (auto: what `train --compile` uses here; default, reduce-overhead, max-autotune-no-cudagraphs, ...) against the floor with the same compiled UNet, and what compiling costs [off]."),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads during the run (default: torch's own); 1 steadies timings on a shared machine."),
     device: str = typer.Option(None, "--device", help="auto, cuda, mps or cpu."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (fp16 on a GPU, fp32 on a CPU), fp32, fp16 or bf16."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (renders in fp16 on a GPU, trains in bf16 on a CUDA GPU that has it; fp32 on a CPU), fp32, fp16 or bf16 (both)."),
     json_out: bool = typer.Option(False, "--json", help="Print the JSON report (with the written paths) on stdout instead of the paths."),
 ):
     """Time training and rendering against their floors; write <out>/speed-<scale>-<device>.md and .json."""

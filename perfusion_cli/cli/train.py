@@ -30,14 +30,15 @@ def train(
     flip: bool = typer.Option(True, "--flip/--no-flip", help="Horizontal flip augmentation."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     device: str = typer.Option(None, "--device", help="auto, cuda, mps or cpu."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16 for the frozen model."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16 for the frozen model [auto: bf16 on a CUDA GPU that has it, run without autocast; fp16 runs under bf16 autocast; fp32 on a CPU]."),
     template: list[str] = typer.Option(None, "--template", help="Training prompt with {} for the concept (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from this name's last checkpoint."),
     validate_every: int = typer.Option(0, "--validate-every", help="Write sample renders every N steps (0: never)."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
     low_memory: bool = typer.Option(False, "--low-memory", help="Gradient checkpointing in the UNet: less GPU memory, slower."),
     no_key_lock: bool = typer.Option(False, "--no-key-lock", help="Train the key targets o*_K too instead of locking them to the supercategory's: the paper's ablation, which does worse (PERFUSION.md §4); for comparisons only."),
-    compile_: bool = typer.Option(False, "--compile", help="torch.compile the UNet: the first step compiles it (about a minute on a GPU, cached on disk for later runs), the others run faster. Pays on a GPU for full-length training (docs/benchmarks)."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the UNet: the first step compiles it (about two minutes on a GPU, cached on disk for later runs), the others run faster. Pays on a GPU for full-length training (docs/benchmarks)."),
+    compile_mode: str = typer.Option(None, "--compile-mode", help="torch.compile mode for --compile (implies it): auto (CUDA graphs, reduce-overhead, on a CUDA GPU without --low-memory; else default), default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs [auto]."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing concept of that name."),
     fp32: bool = typer.Option(False, "--fp32", help="Store the concept in fp32 (default fp16)."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON record instead of the path."),
@@ -53,12 +54,15 @@ def train(
     prof = models.find_profile(model)
     t = prof.train if prof else {}
     batch_size, grad_accum = _batch(t, batch_size, grad_accum, device_option(device), low_memory)
+    if compile_mode is not None:
+        compile_ = True
     cfg = config_for(
         t, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
         lr_embedding=lr_embedding, lr_value=lr_value, train_beta=train_beta, train_tau=train_tau,
         render_beta=beta, render_tau=tau, flip=flip, mask=mask, seed=seed,
         checkpoint_every=checkpoint_every, validate_every=validate_every, templates=list(template or []),
         gradient_checkpointing=low_memory, lock_keys=not no_key_lock, compile=compile_,
+        compile_mode=compile_mode.strip().lower() if compile_mode else None,
     )
     method = method.strip().lower()
     method_config = None
@@ -68,7 +72,7 @@ def train(
         if method not in methods.BASELINES:
             fail(f"unknown --method {method!r}; choose one of: {', '.join(methods.METHODS)}")
         if resume or mask != "none" or low_memory or no_key_lock or compile_:
-            fail(f"--resume, --mask, --low-memory, --no-key-lock and --compile are Perfusion options; --method "
+            fail(f"--resume, --mask, --low-memory, --no-key-lock and --compile(-mode) are Perfusion options; --method "
                  f"{method} does not take them")
         over = {k: v for k, v in (("steps", steps), ("lr", lr)) if v is not None}
         if batch_size is not None:
@@ -77,7 +81,7 @@ def train(
     elif lr is not None:
         fail("--lr is for baselines; Perfusion takes --lr-embedding and --lr-value")
     if compile_ and method == "perfusion":
-        say("--compile: the first step compiles the UNet (about a minute on a GPU, longer on a CPU)")
+        say("--compile: the first step compiles the UNet (about two minutes on a GPU, longer on a CPU)")
     with progress_bar() as bar:
         tasks = []  # the bar appears with the first step, not before an early error
 
