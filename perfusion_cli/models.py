@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import dataclasses
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -123,6 +124,13 @@ def pick_dtype(dtype: str, device: torch.device, training: bool = False) -> torc
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; use auto, fp32, fp16 or bf16")
     return DTYPES[dtype]
+
+
+def with_dtype(base: "BaseModel", dtype: torch.dtype) -> "BaseModel":
+    """The same pipeline converted in place to `dtype` (its weights rounded), as a BaseModel that says so."""
+    if dtype != base.dtype:
+        base.pipe.to(dtype=dtype)
+    return dataclasses.replace(base, dtype=dtype)
 
 
 @dataclass

@@ -9,7 +9,6 @@ Prints one JSON line: the first step's time (set-up + compile or cache load + on
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time
@@ -37,8 +36,7 @@ def main() -> None:
     base = _load(cfg.scale, dev.type, cfg.dtype, cfg.seed)
     C, _ = _covariance(base)
     if args.bf16:
-        base.pipe.to(dtype=torch.bfloat16)
-        base = dataclasses.replace(base, dtype=torch.bfloat16)
+        base = models.with_dtype(base, torch.bfloat16)
     sync = _sync(dev)
     batch = args.batch or cfg.train_batch
     tcfg = TrainConfig(steps=args.steps, batch_size=batch, grad_accum=1, checkpoint_every=0, mask="none",

@@ -16,7 +16,6 @@ Random weights at sd15 scale: timings only.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time
@@ -80,14 +79,13 @@ def main() -> None:
     for r in range(args.rounds):
         for name in names:
             dtype, autocast_on = VARIANTS[name]
-            base.pipe.to(dtype=dtype)
-            b = dataclasses.replace(base, dtype=dtype)
+            base = models.with_dtype(base, dtype)
             rec = {"round": r, "variant": name}
             # perfusion train's step, its autocast switched as the variant says
             try:
                 tcfg = TrainConfig(steps=1 + args.warmup + args.steps, batch_size=batch, grad_accum=1,
                                    checkpoint_every=0, mask="none", seed=cfg.seed)
-                trainer = Trainer(b, TRAIN_NAME, TRAIN_SUPER, C_inv, tcfg)
+                trainer = Trainer(base, TRAIN_NAME, TRAIN_SUPER, C_inv, tcfg)
                 trainer.autocast = {**trainer.autocast, "enabled": autocast_on and dev.type == "cuda"}
                 stamps: list[float] = []
 
@@ -106,7 +104,7 @@ def main() -> None:
                 rec["train_error"] = f"{type(e).__name__}: {e}"[:300]
             try:
                 ac = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast_on and dev.type == "cuda")
-                floor = floor_step(b, prompts, batch, ac, cfg.seed)
+                floor = floor_step(base, prompts, batch, ac, cfg.seed)
                 fl = []
                 for k in range(1 + args.warmup + args.steps):
                     if k == 1 + args.warmup:

@@ -1089,8 +1089,7 @@ def _run_speed(config: SpeedConfig, progress: Progress | None, on_event: Events,
 
         # training runs in `perfusion train`'s dtype (bf16 on a CUDA GPU with --dtype auto), rendering in render's
         render_dtype, train_dtype = base.dtype, models.pick_dtype(cfg.dtype, dev, training=True)
-        base.pipe.to(dtype=train_dtype)
-        base = dataclasses.replace(base, dtype=train_dtype)
+        base = models.with_dtype(base, train_dtype)
         training, trained = _bench_training(base, C_inv, cfg, mem, sync, ticker("training", n_train))
         if cfg.low_memory:
             training["low_memory"] = _bench_low_memory(base, C_inv, cfg, mem, sync,
@@ -1113,8 +1112,7 @@ def _run_speed(config: SpeedConfig, progress: Progress | None, on_event: Events,
                 on_event(f"warning: compiled training failed ({reason}); the report says so")
                 compiled = {"mode": cfg.compile, "error": reason}
             training["compiled"] = compiled
-        base.pipe.to(dtype=render_dtype)   # random or toy weights: the round trip's rounding changes no timing
-        base = dataclasses.replace(base, dtype=render_dtype)
+        base = models.with_dtype(base, render_dtype)   # random or toy weights: the rounding changes no timing
         rendering = _bench_render(base, C, concepts, cfg, mem, sync,
                                   ticker("rendering", (cfg.warmup + cfg.repeats) * (5 if cfg.extra_variants else 3)))
         concept_file = _bench_concept_file(base, trained, cov_source, C, cfg, ticker("concept file", cfg.io_repeats))
