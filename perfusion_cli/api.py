@@ -113,11 +113,9 @@ def train(
     check_config(cfg)
     photos = load_photos(images, prof.resolution) if prof else None  # fail fast, before loading a model
     on_event(f"loading base model {model}")
-    if dtype == "auto" and method == "perfusion":   # bf16 on a CUDA GPU that has it (models.pick_dtype); the
-        # baselines keep the render dtype (fp16 under bf16 autocast): their bf16 paths were never measured
-        dtype = {dt: k for k, dt in models.DTYPES.items()}[
-            models.pick_dtype("auto", models.pick_device(device), training=True)]
-    base = models.load(model, device=device, dtype=dtype)
+    # Perfusion trains in bf16 on a CUDA GPU that has it (models.pick_dtype); the baselines keep the render dtype
+    # (fp16 under bf16 autocast): their bf16 paths were never measured
+    base = models.load(model, device=device, dtype=dtype, training=method == "perfusion")
     if photos is None:
         photos = load_photos(images, base.resolution)
     for s in photos.skipped:

@@ -7,10 +7,10 @@ one .safetensors/.ckpt checkpoint (diffusers' from_single_file). Loading is diff
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
-import dataclasses
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -210,13 +210,15 @@ def resolve(model: str) -> tuple[str, Profile | None, str]:
 
 
 def load(
-    model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", scheduler: str | None = None
+    model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", scheduler: str | None = None,
+    training: bool = False,
 ) -> BaseModel:
-    """Load a base model as a diffusers pipeline on the chosen device, progress bars off."""
+    """Load a base model as a diffusers pipeline on the chosen device, progress bars off. training: dtype auto
+    is the training dtype (pick_dtype), for a Trainer."""
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
     dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
+    dt = pick_dtype(dtype, dev, training=training)
     source, prof, model_id = resolve(model)
     path = Path(source).expanduser()
     kw = _dtype_kwarg(dt)

@@ -97,7 +97,7 @@ def test_kv_cache_does_not_change_renders(toy_base, registry_with_concept):
     assert (out[True] == out[False]).all()
 
 
-@pytest.mark.parametrize("method, dtype, want", [("perfusion", "auto", "bf16"), ("ti", "auto", "auto"),
+@pytest.mark.parametrize("method, dtype, want", [("perfusion", "auto", "bf16"), ("ti", "auto", "fp16"),
                                                   ("perfusion", "fp16", "fp16")])
 def test_train_loads_the_model_in_bf16_on_a_cuda_gpu(photos, perfusion_home, monkeypatch, method, dtype, want):
     """api.train's dtype `auto` is the training dtype: bf16 on a CUDA GPU with bf16 (Perfusion runs it natively);
@@ -108,8 +108,11 @@ def test_train_loads_the_model_in_bf16_on_a_cuda_gpu(photos, perfusion_home, mon
 
     asked = []
 
-    def load(model, device="auto", dtype="auto", **kw):
-        asked.append(dtype)
+    real_pick = models.pick_dtype
+
+    def load(model, device="auto", dtype="auto", training=False, **kw):   # the dtype models.load would pick
+        dt = real_pick(dtype, torch.device("cuda"), training=training)
+        asked.append({v: k for k, v in models.DTYPES.items()}[dt])
         raise PerfusionError("stop here")
 
     monkeypatch.setattr(models, "pick_device", lambda device="auto": torch.device("cuda"))

@@ -543,13 +543,13 @@ class FloorStep:
 
     def __init__(self, base: models.BaseModel, prompts: list[str], batch: int, autocast: dict, seed: int = 0,
                  compile_mode: str | None = None):
-        from ..training import compiled_unet
+        from ..training import compiled_unet, mark_step
 
         pipe = base.pipe
         self.pipe, self.unet, self.enc, self.sched = pipe, pipe.unet, pipe.text_encoder, pipe.scheduler
         # with compile_mode: the UNet compiled as `perfusion train --compile` compiles it (training.compiled_unet)
         self.unet_call = compiled_unet(pipe.unet, compile_mode) if compile_mode else pipe.unet
-        self.compile_mode = compile_mode
+        self.mark_step = lambda: mark_step(compile_mode)   # as Trainer.fit does before each micro-step
         self.device, self.autocast, self.batch = base.device, dict(autocast), batch
         for m in (self.unet, self.enc):
             m.requires_grad_(False)
@@ -571,8 +571,7 @@ class FloorStep:
         return x
 
     def __call__(self) -> torch.Tensor:
-        from ..training import mark_step
-        mark_step(self.compile_mode)   # as Trainer.fit does before each micro-step
+        self.mark_step()
         gd = self.g.device
         noise = torch.randn(self.lat.shape, generator=self.g, device=gd).to(self.device)
         t = torch.randint(0, self.T, (self.batch,), generator=self.g, device=gd).to(self.device)
