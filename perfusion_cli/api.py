@@ -26,8 +26,8 @@ from .concept import Concept, ConceptSet
 from .errors import PerfusionError
 from .images import load_photos
 from .registry import Entry, Registry, validate_name
-from .rendering import (Applied, Gate, RenderSettings, Written, check_settings, plan, process_share, render_jobs,
-                        shard)
+from .rendering import (SCOPES, Applied, Gate, RenderSettings, Written, check_settings, concept_scope, plan,
+                        process_share, render_jobs, shard)
 from .text import check_concept_word, check_supercategory, find_concepts
 from .training import INFLATED_EMBEDDING, Progress, Trainer, TrainConfig
 
@@ -246,10 +246,12 @@ def render(
     defaults_from_profile: bool = True,
     scale: float | None = None,
     scales: dict[str, float] | None = None,
+    scope: str | None = None,
 ) -> list[Written]:
     """Render prompts (which may name concepts) to PNG files in `out`; returns what was written.
 
-    `beta`/`tau` set every concept's gate; `gates` set single concepts (they win). `scale`/`scales` do the
+    `beta`/`tau`/`scope` set every concept's gate (scope: rendering.SCOPES; a concept's default is the scope it was
+    trained with); `gates` set single concepts (they win). `scale`/`scales` do the
     same for the strength of weight-based baselines (LoRA, DreamBooth, Custom Diffusion; 1 = as trained).
     Without `model`, the base model is the one the named concepts were trained on.
     """
@@ -273,6 +275,9 @@ def render(
     for t in ([tau] if tau is not None else []) + [g.tau for g in (gates or {}).values()]:
         if not 0.0 < t <= 1.0:
             raise PerfusionError(f"--temperature must be in (0, 1], got {t}")
+    for sc in ([scope] if scope is not None else []) + [g.scope for g in (gates or {}).values()]:
+        if sc not in SCOPES:
+            raise PerfusionError(f"--gate-scope {sc!r} is not one of {', '.join(SCOPES)}")
     unknown = set(gates or {}) - set(res.concepts)
     if unknown:
         raise PerfusionError(f"--bias/--temperature name {', '.join(sorted(unknown))}, which no prompt uses")
@@ -312,7 +317,8 @@ def render(
     for n, c in res.concepts.items():
         if not c.is_perfusion:
             continue  # a baseline method's concept has no gate
-        g = Gate(c.tensors.beta if beta is None else beta, c.tensors.tau if tau is None else tau)
+        g = Gate(c.tensors.beta if beta is None else beta, c.tensors.tau if tau is None else tau,
+                 scope=concept_scope(c) if scope is None else scope)
         all_gates[n] = (gates or {}).get(n, g)
     jobs = plan(res.prompts, settings, res.concepts)
     if world > 1:

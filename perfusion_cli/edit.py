@@ -26,6 +26,13 @@ A call then costs O(tokens × (d + m) × n) on top of W e (the "cheap form" of �
 
 Plain ROME (an ablation, §2): a concept whose `linear` flag is set has its gate σ((s − β)/τ) replaced by
 s(e) itself, which turns its edit into ROME's closed form W' = W + (o* − W i*)(C⁻¹ i*)ᵀ / E.
+
+Token scope (not in the paper; PERFUSION.md §11c): the paper's h depends on e alone, so the gate may open on any
+token whose encoding resembles i*, and a causal text encoder carries the concept into every later token. A scope
+m (..., n) in [0, 1] per token and concept confines each concept's edit to where m is 1 (its own word's tokens):
+    h = W e − Σ_k m̄_k (e·a_k) b_k + Σ_c m_c σ((e·u_c − β_c)/τ_c) o*_c,
+m̄_k = m_c for the approximate edit (k = c), max_c m_c for the exact one (its basis mixes the concepts).
+m ≡ 1 is the paper's edit.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ __all__ = [
     "energy",
     "similarity_direction",
     "gate",
+    "scoped_delta",
     "c_orthonormal_basis",
     "concept_inputs",
     "layer_edit",
@@ -120,6 +128,7 @@ class ConceptInputs:
     beta: Tensor   # (n,)
     tau: Tensor    # (n,)
     linear: Tensor | None = None  # (n,) bool: concept c's gate is s_c(e) itself (plain ROME); None: all gated
+    mixed: bool = False           # A's rows mix the concepts (the exact edit's basis, n > 1): see scoped_delta
 
 
 def concept_inputs(
@@ -144,7 +153,21 @@ def concept_inputs(
     flags = None
     if linear is not None and any(bool(x) for x in torch.as_tensor(linear).reshape(-1)):
         flags = torch.as_tensor(linear, dtype=torch.bool, device=i_stars.device).reshape(-1)
-    return ConceptInputs(U.float(), A.float(), P.float(), f(betas), f(taus), flags)
+    mixed = bool(exact and i_stars.shape[0] > 1)
+    return ConceptInputs(U.float(), A.float(), P.float(), f(betas), f(taus), flags, mixed)
+
+
+def scoped_delta(x: Tensor, A: Tensor, B: Tensor, U: Tensor, O: Tensor, beta: Tensor, tau: Tensor,
+                 linear: Tensor | None = None, scope: Tensor | None = None, mixed: bool = False) -> Tensor:
+    """h(e) − W e for encodings x (..., d): Σ_c m_c σ((x·u_c − β_c)/τ_c) o*_c − Σ_k m̄_k (x·a_k) b_k  (module
+    docstring). scope (..., n) or None (m ≡ 1, the paper's edit); mixed: m̄ = max_c m_c. (..., d) -> (..., M)."""
+    coeff = x @ A.T                                          # (..., k)  e·a_k
+    gates = gate(x @ U.T, beta, tau, linear)                 # (..., n)
+    if scope is not None:
+        m = scope.to(x.dtype)
+        gates = gates * m
+        coeff = coeff * (m.amax(-1, keepdim=True) if mixed else m)
+    return gates @ O - coeff @ B
 
 
 @dataclass
@@ -159,13 +182,13 @@ class LayerEdit:
     tau: Tensor    # (n,)
     extra: dict = field(default_factory=dict)
     linear: Tensor | None = None  # (n,) bool: plain-ROME concepts (see gate)
+    mixed: bool = False           # ConceptInputs.mixed
 
-    def delta(self, e: Tensor) -> Tensor:
-        """(..., d) -> (..., m), computed in float32 and returned in e's dtype."""
+    def delta(self, e: Tensor, scope: Tensor | None = None) -> Tensor:
+        """(..., d) -> (..., m), computed in float32 and returned in e's dtype. scope: (..., n), see scoped_delta."""
         x = e.to(self.A.dtype)
-        removed = (x @ self.A.T) @ self.B                    # Σ_k (e·a_k) b_k
-        gates = gate(x @ self.U.T, self.beta, self.tau, self.linear)  # (..., n)
-        return (gates @ self.O - removed).to(e.dtype)
+        return scoped_delta(x, self.A, self.B, self.U, self.O, self.beta, self.tau, self.linear, scope,
+                            self.mixed).to(e.dtype)
 
     def gates(self, e: Tensor) -> Tensor:
         """σ((s_c(e) − β_c)/τ_c) for each concept (s_c(e) for a plain-ROME one): (..., d) -> (..., n)."""
@@ -192,12 +215,12 @@ class StackedEdit:
     tau: Tensor    # (n,)
     slices: dict = field(default_factory=dict)  # projection key -> (start, stop) in M
     linear: Tensor | None = None                # (n,) bool: plain-ROME concepts (see gate)
+    mixed: bool = False                         # ConceptInputs.mixed
 
-    def delta_all(self, e: Tensor) -> Tensor:
+    def delta_all(self, e: Tensor, scope: Tensor | None = None) -> Tensor:
         x = e.to(self.A.dtype)
-        removed = (x @ self.A.T) @ self.B
-        gates = gate(x @ self.U.T, self.beta, self.tau, self.linear)
-        return (gates @ self.O - removed).to(e.dtype)
+        return scoped_delta(x, self.A, self.B, self.U, self.O, self.beta, self.tau, self.linear, scope,
+                            self.mixed).to(e.dtype)
 
 
 def stacked_edit(weights: Tensor, inputs: ConceptInputs, targets: Tensor, slices: dict) -> StackedEdit:
@@ -205,7 +228,7 @@ def stacked_edit(weights: Tensor, inputs: ConceptInputs, targets: Tensor, slices
     Differentiable in `targets`."""
     return StackedEdit(A=inputs.A, B=inputs.P @ weights.detach().to(inputs.P.dtype).T, U=inputs.U,
                        O=targets.to(inputs.P.dtype), beta=inputs.beta, tau=inputs.tau, slices=slices,
-                       linear=inputs.linear)
+                       linear=inputs.linear, mixed=inputs.mixed)
 
 
 def layer_edit(weight: Tensor, inputs: ConceptInputs, targets: Tensor) -> LayerEdit:
@@ -222,4 +245,5 @@ def layer_edit(weight: Tensor, inputs: ConceptInputs, targets: Tensor) -> LayerE
         beta=inputs.beta,
         tau=inputs.tau,
         linear=inputs.linear,
+        mixed=inputs.mixed,
     )

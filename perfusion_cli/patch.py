@@ -12,6 +12,11 @@ place of the concept, the V path the prompt with the concept. A pre-hook on the 
 `encoder_hidden_states` that is a known concept-prompt encoding to its supercategory twin; to_k reads
 that twin, and the K edit is left off (the K path then *is* the supercategory's).
 
+Token scope (a render and training option, PERFUSION.md §11c): concepts whose edit is confined to their own
+word's tokens. The pre-hook maps each row of `encoder_hidden_states` that is a registered prompt encoding to that
+prompt's (L, n) scope (1 at concept c's tokens); rows it does not know (the negative prompt) take `scope_default`
+(1 for concepts the paper's way, 0 for scoped ones). The wrappers pass the batch's scope to the edit.
+
 K/V cache (rendering): the text encodings are the same tensor at every denoising step, so with
 `patch.cache = True` each projection's edited output is computed once per render and reused. The
 cache holds a reference to its input (so its memory cannot be reused by another tensor) and checks
@@ -60,6 +65,24 @@ class KeySwap:
 
 
 @dataclass
+class TokenScope:
+    """Scoped edits: rows of encoder_hidden_states equal to `encoding` get `scope`."""
+
+    encoding: Tensor  # (L, d) encoding of a prompt with its concepts
+    scope: Tensor     # (L, n) 1 where concept c's edit acts on that prompt's token, else 0
+
+
+def matching_rows(ehs: Tensor, encoding: Tensor) -> Tensor:
+    """(B,) bool: the rows of ehs (B, L, d) that are `encoding` (L, d), to a tolerance that survives the
+    pipeline's copies and casts (it concatenates, repeats and may change the dtype of the encodings)."""
+    c = encoding.to(ehs.device, ehs.dtype)
+    if c.shape != ehs.shape[1:]:
+        return torch.zeros(ehs.shape[0], dtype=torch.bool, device=ehs.device)
+    tol = 1e-3 * float(c.abs().max()) + 1e-6
+    return (ehs - c).abs().flatten(1).amax(1) <= tol
+
+
+@dataclass
 class Patch:
     """One application of edits (and/or the K/V cache); `remove()` restores the UNet exactly."""
 
@@ -74,6 +97,10 @@ class Patch:
     _memo: dict = field(default_factory=dict)     # (layer, "k"|"v") -> (input, version, output)
     stacked: StackedEdit | None = None            # every projection's edit in one (training); see set_stacked
     _primed: dict | None = None                   # (layer, "k"|"v") -> that projection's delta; see prime_stacked
+    scopes: list[TokenScope] = field(default_factory=list)
+    scope_default: Tensor | None = None           # (n,) scope of unregistered rows; None: no concept is scoped
+    _scope: Tensor | None = None                  # (B, L, n) the scope of the current UNet call
+    _scope_memo: tuple | None = None              # (encoder_hidden_states, version, scope)
 
     def set_stacked(self, stacked: StackedEdit | None) -> None:
         """Edit every projection named in stacked.slices with one StackedEdit (instead of `edits`).
@@ -81,9 +108,10 @@ class Patch:
         self.stacked = stacked
         self._primed = None
 
-    def prime_stacked(self, x: Tensor) -> None:
+    def prime_stacked(self, x: Tensor, scope: Tensor | None = None) -> None:
         """Compute every stacked projection's delta for the encodings `x` now, which the following UNet call(s)
-        must pass as encoder_hidden_states (until the next prime or set_stacked).
+        must pass as encoder_hidden_states (until the next prime or set_stacked). scope: (B, L, n) token scope
+        (edit.scoped_delta), None for the paper's edit.
 
         All cross-attention layers read the same encodings, so delta_all is one computation split among them
         (one split: its backward is one concatenation). Done outside the UNet: a block that gradient
@@ -92,7 +120,7 @@ class Patch:
         of `x` there would break it)."""
         keys = list(self.stacked.slices)
         sizes = [self.stacked.slices[k][1] - self.stacked.slices[k][0] for k in keys]
-        self._primed = dict(zip(keys, self.stacked.delta_all(x).split(sizes, dim=-1)))
+        self._primed = dict(zip(keys, self.stacked.delta_all(x, scope).split(sizes, dim=-1)))
 
     def remove(self) -> None:
         for h in self.handles:
@@ -101,12 +129,16 @@ class Patch:
         self.handles.clear()
         self.edits.clear()
         self.set_stacked(None)
+        self.scopes.clear()
+        self.scope_default = None
         self.clear_cache()
 
     def clear_cache(self) -> None:
         self._memo.clear()
         self._key_memo = None
         self._key_context = None
+        self._scope_memo = None
+        self._scope = None
 
     def __enter__(self) -> "Patch":
         return self
@@ -123,17 +155,30 @@ class Patch:
         out = ehs.clone()
         swapped = torch.zeros(ehs.shape[0], dtype=torch.bool, device=ehs.device)
         for swap in self.key_swaps:
-            c = swap.concept.to(ehs.device, ehs.dtype)
-            if c.shape != ehs.shape[1:]:
-                continue
-            tol = 1e-3 * float(c.abs().max()) + 1e-6
-            rows = (ehs - c).abs().flatten(1).amax(1) <= tol
+            rows = matching_rows(ehs, swap.concept)
             if rows.any():
                 out[rows] = swap.super_.to(ehs.device, ehs.dtype)
                 swapped |= rows
         out = (out, swapped) if swapped.any() else None
         if self.cache:
             self._key_memo = (ehs, ehs._version, out)
+        return out
+
+    # -- token scope --------------------------------------------------------------------------
+    def _find_scope(self, ehs: Tensor) -> Tensor | None:
+        """(B, L, n) scope of this batch of encodings (the registered prompts' scopes, scope_default elsewhere)."""
+        if self.scope_default is None:
+            return None
+        if self.cache and self._scope_memo and self._scope_memo[0] is ehs and self._scope_memo[1] == ehs._version:
+            return self._scope_memo[2]
+        d = self.scope_default.to(ehs.device, torch.float32)
+        out = d.expand(ehs.shape[0], ehs.shape[1], d.shape[0]).clone()
+        for ts in self.scopes:
+            rows = matching_rows(ehs, ts.encoding)
+            if rows.any():
+                out[rows] = ts.scope.to(ehs.device, torch.float32)
+        if self.cache:
+            self._scope_memo = (ehs, ehs._version, out)
         return out
 
     # -- the edited projection ------------------------------------------------------------
@@ -164,7 +209,11 @@ class Patch:
             else:
                 edit = self.edits.get(name, (None, None))[slot]
                 if edit is not None:
-                    delta = edit.delta(x)
+                    scope = self._scope
+                    if scope is not None and scope.shape[:2] != x.shape[:2]:
+                        raise RuntimeError(f"{name}.to_{which}: the token scope is for encodings of shape "
+                                           f"{tuple(scope.shape[:2])}, the projection got {tuple(x.shape[:2])}")
+                    delta = edit.delta(x, scope)
             if delta is not None:
                 out = out + (delta if keep is None else delta * keep.view(-1, *[1] * (delta.dim() - 1)))
             if self.cache:
@@ -201,6 +250,7 @@ def attach(unet: nn.Module, cache: bool = False) -> Patch:
     def unet_pre(module, args, kwargs):
         ehs = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         patch._key_context = patch._find_key_context(ehs) if ehs is not None else None
+        patch._scope = patch._find_scope(ehs) if ehs is not None else None
 
     patch.handles.append(unet.register_forward_pre_hook(unet_pre, with_kwargs=True))
     for name, attn in cross_attention_layers(unet).items():
@@ -279,11 +329,13 @@ def apply(
     labels: list[str] | None = None,
     cache: bool = False,
     linear_gates: list[bool] | None = None,
+    scoped: list[bool] | None = None,
 ) -> Patch:
     """Apply one or several concepts to a UNet (§2, §8); each keeps its own β, τ.
 
     `betas`/`taus` override the concepts' stored defaults; `cache` memoises K/V across denoising
-    steps; `linear_gates[c]` replaces concept c's gate by s(e), i.e. plain ROME (an ablation, §2).
+    steps; `linear_gates[c]` replaces concept c's gate by s(e), i.e. plain ROME (an ablation, §2); `scoped[c]`
+    confines concept c's edit to the token scopes registered in `patch.scopes` (none yet: nowhere).
     Returns a Patch; `patch.remove()` (or a `with` block) takes the edits off again.
     """
     labels = labels or [f"#{i}" for i in range(len(concepts))]
@@ -298,4 +350,6 @@ def apply(
     patch.edits.update(build_edits(
         unet, inputs, [c.key_targets for c in concepts], [c.value_targets for c in concepts]
     ))
+    if scoped is not None and any(scoped):
+        patch.scope_default = torch.tensor([0.0 if s else 1.0 for s in scoped])
     return patch

@@ -25,11 +25,27 @@ from .errors import PerfusionError
 from .text import EmbeddingOverride, encode, rewrite
 
 
+# Where a Perfusion concept's edit acts (PERFUSION.md §11c): "prompt", on every token whose encoding opens its gate
+# (the paper); "word", only on the concept word's own tokens
+SCOPES = ("prompt", "word")
+
+
 @dataclass
 class Gate:
     beta: float
     tau: float
     rome: bool = False   # replace the gate σ((s − β)/τ) by s(e): plain ROME, an ablation (PERFUSION.md §2)
+    scope: str = "prompt"  # one of SCOPES
+
+
+def concept_scope(concept: Concept) -> str:
+    """The scope a Perfusion concept renders with by default: the one it was trained with (older files: "prompt")."""
+    return (concept.training or {}).get("gate_scope", "prompt")
+
+
+def default_gate(concept: Concept) -> Gate:
+    """A Perfusion concept's stored gate: its default β, τ and the scope it was trained with."""
+    return Gate(concept.tensors.beta, concept.tensors.tau, scope=concept_scope(concept))
 
 
 class Applied:
@@ -38,7 +54,8 @@ class Applied:
     concepts:     the concepts (concept.Concept), each usable by its name in prompts
     C:            the base model's text-encoding covariance (d, d) (covariance.for_model)
     gates:        per-concept β/τ overrides by name (Gate.rome: plain ROME instead of the gate, an
-                  ablation); others use the concept's stored defaults
+                  ablation; Gate.scope: "word" confines the edit to the concept word's tokens); others use
+                  the concept's stored defaults
     exact:        exact (C⁻¹-orthonormal) or approximate multi-concept edit (PERFUSION.md §8)
     global_lock:  K path reads the prompt with supercategory words in place of concepts (§4)
     cache:        compute each layer's edited K/V once per call and reuse it at every denoising step
@@ -58,7 +75,11 @@ class Applied:
             raise PerfusionError(f"two concepts share a name: {names}")
         gates, scales = gates or {}, scales or {}
         perf = [c for c in self.concepts if c.is_perfusion]
-        self.gates = {c.name: gates.get(c.name, Gate(c.tensors.beta, c.tensors.tau)) for c in perf}
+        self.perf = [c.name for c in perf]
+        self.gates = {c.name: gates.get(c.name, default_gate(c)) for c in perf}
+        for n, g in self.gates.items():
+            if g.scope not in SCOPES:
+                raise PerfusionError(f"unknown gate scope {g.scope!r} for {n}; choose one of {', '.join(SCOPES)}")
         self.supers = {c.name: c.supercategory for c in self.concepts}
         # Baselines' weights go on first, so that the K/V cache below memoises their outputs too.
         self.weights = []
@@ -72,6 +93,7 @@ class Applied:
                     betas=[self.gates[c.name].beta for c in perf], taus=[self.gates[c.name].tau for c in perf],
                     labels=[c.name for c in perf], cache=cache,
                     linear_gates=[self.gates[c.name].rome for c in perf],
+                    scoped=[self.gates[c.name].scope == "word" for c in perf],
                 )
             else:
                 self.patch = patching.attach(pipe.unet, cache=cache)
@@ -93,20 +115,46 @@ class Applied:
         """Register prompts that name concepts; returns them as the pipeline must be given them."""
         self.override.clear_prompts()
         self.patch.key_swaps.clear()
+        self.patch.scopes.clear()
         self.patch.clear_cache()
         rewritten = []
         for p in prompts:
             self.override.add_prompt(p, self.supers)
             rewritten.append(rewrite(p, self.supers))
-        if self.global_lock:
+        scoped = self.patch.scope_default is not None
+        if self.global_lock or scoped:
             with torch.no_grad():
                 unique = list(dict.fromkeys(rewritten))
                 e_concept = encode(self.pipe, unique).embeds
-                slots, self.override.slots = self.override.slots, [[] for _ in self.override.slots]
-                e_super = encode(self.pipe, unique).embeds
-                self.override.slots = slots
-            self.patch.key_swaps.extend(patching.KeySwap(c, s) for c, s in zip(e_concept, e_super))
+                if self.global_lock:
+                    slots, self.override.slots = self.override.slots, [[] for _ in self.override.slots]
+                    e_super = encode(self.pipe, unique).embeds
+                    self.override.slots = slots
+                    self.patch.key_swaps.extend(patching.KeySwap(c, s) for c, s in zip(e_concept, e_super))
+            if scoped:
+                self.patch.scopes.extend(patching.TokenScope(e, self.token_scope(p)) for e, p in zip(e_concept, unique))
         return rewritten
+
+    def token_scope(self, rewritten: str) -> torch.Tensor:
+        """(L, n) scope of a registered prompt (as rewritten for the pipeline) over the Perfusion concepts: a
+        "prompt"-scoped concept's column is 1 everywhere, a "word"-scoped one's is 1 at its word's tokens (in any
+        of the pipeline's tokenizers: SDXL's two tokenize alike but need not)."""
+        from .text import token_rows
+
+        names = [c.name for c in self.concepts]
+        length = len(token_rows(self.override.stack[0][0], rewritten))
+        cols = []
+        for n in self.perf:
+            col = torch.zeros(length, dtype=torch.bool)
+            if self.gates[n].scope != "word":
+                col[:] = True
+            for k, (tok, _) in enumerate(self.override.stack):
+                ids = token_rows(tok, rewritten)
+                for slot in self.override.slots[k]:
+                    if slot.concept == names.index(n) and slot.ids.shape == ids.shape and bool((slot.ids == ids).all()):
+                        col |= slot.mask
+            cols.append(col.float())
+        return torch.stack(cols, -1)
 
     def __call__(self, prompt: str | list[str], **kwargs):
         """Run the pipeline on `prompt` (which may name the concepts); kwargs go to the pipeline."""
@@ -248,6 +296,9 @@ def a1111_parameters(job: Job, s: RenderSettings, model: dict, concepts: list[di
             f"{c['name']}:{c['beta']}:{c['tau']}:{c['sha256'][:12]}" if c.get("beta") is not None else
             f"{c['name']}:{c.get('method')}:{c['sha256'][:12]}" for c in concepts))
         fields.append(f"Perfusion lock: {'global' if s.global_lock else 'local'}")
+        word = [c["name"] for c in concepts if c.get("scope") == "word"]
+        if word:
+            fields.append(f"Perfusion word scope: {' '.join(word)}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
 
@@ -390,6 +441,7 @@ def render_jobs(
                         "method": concepts[n].method,
                         "beta": (applied.gates[n].beta if applied and n in applied.gates else None),
                         "tau": (applied.gates[n].tau if applied and n in applied.gates else None),
+                        "scope": (applied.gates[n].scope if applied and n in applied.gates else None),
                         "scale": (None if concepts[n].is_perfusion or not concepts[n].weights
                                   else (scales or {}).get(n, 1.0)),
                         "sha256": hashes.get(n, ""),

@@ -64,6 +64,8 @@ class TrainConfig:
     lock_keys: bool = True        # o*_K = W_K i_super, never trained (§4). False: the paper's ablation (worse):
                                   # o*_K starts there and is trained with o*_V's learning rate, in its AdamW group;
                                   # the concept file then stores the trained o*_K
+    gate_scope: str = "prompt"    # where the edit acts while training: "prompt", every token whose encoding opens
+                                  # the gate (§2, the paper); "word", only the concept word's tokens (§11c)
     compile: bool = False         # torch.compile the UNet: its first step compiles (~1 min on a GPU; inductor
                                   # caches it on disk for later runs), later steps run faster (bench speed --compile)
     compile_mode: str = "auto"    # torch.compile's mode: auto | default | max-autotune-no-cudagraphs |
@@ -72,7 +74,7 @@ class TrainConfig:
 
 
 # TrainConfig fields added after checkpoints were first written: a checkpoint without one was made with this value
-_CONFIG_ADDED = {"lock_keys": True, "embedding_max_ratio": None}
+_CONFIG_ADDED = {"lock_keys": True, "embedding_max_ratio": None, "gate_scope": "prompt"}
 
 
 COMPILE_MODES = ("auto", "default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
@@ -179,6 +181,8 @@ def check_config(cfg: TrainConfig) -> None:
     for label, t in (("--train-tau", cfg.train_tau), ("--tau", cfg.render_tau)):
         if not (0.0 < t <= 1.0):
             bad(f"{label} must be in (0, 1], got {t}")
+    if cfg.gate_scope not in ("prompt", "word"):
+        bad(f"--gate-scope {cfg.gate_scope!r} is not one of prompt, word")
     if cfg.compile_mode not in COMPILE_MODES:
         bad(f"--compile-mode {cfg.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
     if not (0.0 <= cfg.ema < 1.0):
@@ -416,8 +420,8 @@ class Trainer:
         noisy = sched.add_noise(lat, noise, t)
         with torch.autocast(**self.autocast):
             e, pooled = self.encode(prompts)
+        m = self.concept_mask(prompts).to(e.dtype)[..., None]              # (B, L, 1), no host sync
         with torch.no_grad():  # i* ← ema·i* + (1 − ema)·mean of this batch's concept encodings (§5)
-            m = self.concept_mask(prompts).to(e.dtype)[..., None]          # (B, L, 1), no host sync
             e_c = (e.detach().float() * m).sum((0, 1)) / m.sum()
             state.i_star.mul_(cfg.ema).add_(e_c, alpha=1 - cfg.ema)
         inputs = concept_inputs(state.i_star[None], self.C_inv, [cfg.train_beta], [cfg.train_tau])
@@ -427,7 +431,8 @@ class Trainer:
         ))
         ehs = e.to(pipe.unet.dtype)
         with torch.autocast(**self.autocast):
-            patch.prime_stacked(ehs)  # outside the UNet's (possibly checkpointed) blocks
+            # outside the UNet's (possibly checkpointed) blocks; "word" scope: the edit at the concept's tokens only
+            patch.prime_stacked(ehs, m if cfg.gate_scope == "word" else None)
             pred = self.unet(
                 noisy.to(pipe.unet.dtype), t, encoder_hidden_states=ehs,
                 **self.unet_kwargs(pooled, lat.shape[0]),
@@ -519,7 +524,7 @@ class Trainer:
             if meta.get("supercategory") != self.super:
                 raise PerfusionError(f"checkpoint {path} is for --super {meta.get('supercategory')}; drop --resume")
             for key in ("batch_size", "grad_accum", "lr_embedding", "embedding_max_ratio", "lr_value", "flip", "seed",
-                        "lock_keys"):
+                        "lock_keys", "gate_scope"):
                 saved = saved_cfg.get(key, _CONFIG_ADDED.get(key))
                 if saved != getattr(self.cfg, key):
                     raise PerfusionError(

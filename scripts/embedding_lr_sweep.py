@@ -39,17 +39,19 @@ def main() -> None:
                          "embedding_max_ratio); its cells are keyed 'LR@maxR'")
     args = ap.parse_args()
 
-    from perfusion_cli.bench.quality import WORD, Bench, QualityConfig
+    from perfusion_cli.bench.quality import WORD, Bench, development_config
     from perfusion_cli.methods import recipe, train_baseline
+    from perfusion_cli.errors import PerfusionError
     from perfusion_cli.rendering import Gate
     from perfusion_cli.toyworld import world as tw
 
-    names = [n.strip() for n in args.instances.split(",") if n.strip()]
     rates = lambda text: [float(x) for x in text.split(",") if x.strip()]  # noqa: E731
-    reporting = {i.name for i in tw.REPORTING_INSTANCES}
-    if reporting & set(names):
-        raise SystemExit(f"{sorted(reporting & set(names))} are reporting instances: choose on development ones")
-    bench = Bench(QualityConfig(instances=tuple(names)), progress=lambda *a: None, say=print)
+    try:
+        qc = development_config(args.instances)
+    except PerfusionError as e:
+        raise SystemExit(f"error: {e}")
+    names = list(qc.instances)
+    bench = Bench(qc, progress=lambda *a: None, say=print)
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.exists() else {}
     doc.update({"what": __doc__.splitlines()[0], "criterion": "mean over instances and points of alignment + fidelity",

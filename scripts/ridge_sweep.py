@@ -69,16 +69,16 @@ def main() -> None:
     ap.add_argument("--out", default="docs/benchmarks/ridge-dev-sweep.json")
     args = ap.parse_args()
 
-    from perfusion_cli.bench.quality import Bench, QualityConfig
+    from perfusion_cli.bench.quality import Bench, development_config
     from perfusion_cli.edit import inverse_covariance
+    from perfusion_cli.errors import PerfusionError
     from perfusion_cli.rendering import Gate
-    from perfusion_cli.toyworld import world as tw
 
-    names = [n.strip() for n in args.instances.split(",") if n.strip()]
-    reporting = {i.name for i in tw.REPORTING_INSTANCES}
-    if reporting & set(names):
-        raise SystemExit(f"{sorted(reporting & set(names))} are reporting instances: choose on development ones")
-    qc = QualityConfig(instances=tuple(names), **({"steps": args.steps} if args.steps else {}))
+    try:
+        qc = development_config(args.instances, steps=args.steps)
+    except PerfusionError as e:
+        raise SystemExit(f"error: {e}")
+    names = list(qc.instances)
     bench = Bench(qc, progress=lambda *a: None, say=print)
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.exists() else {}

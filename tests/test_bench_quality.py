@@ -92,10 +92,12 @@ def test_quick_ablations_report(quick_run):
 
     r, paths, reports = quick_run
     rep = reports["ablations"]
-    ids = ["no-key-lock", "rome", "mask", "one-photo", "global-lock", "train-beta-0.6", "train-beta-0.9"]
+    ids = ["no-key-lock", "rome", "mask", "one-photo", "global-lock", "train-beta-0.6", "train-beta-0.9",
+           "word-scope-render", "word-scope"]
     assert [v["id"] for v in rep["variants"]] == ids and set(ABOUT) == set(ABLATIONS)
-    assert {v["id"] for v in rep["variants"] if not v["trained"]} == {"rome", "global-lock"}
-    assert set(rep["train_seconds"]) == set(ids) - {"rome", "global-lock"}
+    untrained = {"rome", "global-lock", "word-scope-render"}
+    assert {v["id"] for v in rep["variants"] if not v["trained"]} == untrained
+    assert set(rep["train_seconds"]) == set(ids) - untrained
     row = rep["results"]["hatcat"]
     assert set(row) == {"perfusion", *ids}
     for pt in row.values():
@@ -298,6 +300,45 @@ def test_merged_ablations_equal_one_run_of_all_instances():
         merge([a, {**b, "config": {**b["config"], "seeds": 9}}])
     with pytest.raises(PerfusionError, match="an instance is in two reports"):
         merge([a, run(["x"], 0.2, 1.0)])
+
+
+def test_joined_ablations_add_variants_of_the_same_instances():
+    """join_variants() of runs of different ablations on the same instances gives what summarise() gives on all the
+    variants at once; runs whose plain concepts render differently, or of other instances, do not join."""
+    from perfusion_cli.bench.ablations import REFERENCE, join_variants, summarise
+
+    def pt(al, fi):
+        return {"alignment": float(np.mean(al)), "fidelity": float(np.mean(fi)),
+                "alignment_per_image": al, "fidelity_per_image": fi}
+
+    curves = {n: [{"knob": b, "alignment": 0.5 + b / 10, "fidelity": 0.6 - b / 5} for b in (0.5, 0.9)] for n in "xy"}
+
+    def run(vid, offset, ablation, ref=(0.5, 0.6), names="xy"):
+        results = {n: {REFERENCE: pt(list(ref), [0.4, 0.5]), vid: pt([0.7, 0.2 + offset], [0.3, 0.9 - offset])}
+                   for n in names}
+        cfg = {**QualityConfig().__dict__, "instances": list(names), "biases": [0.5, 0.9], "ablations": [ablation]}
+        return {"part": "ablations", "variants": [{"id": vid}], "results": results,
+                "bias_curves": {n: curves[n] for n in names}, **summarise(results, curves, [vid], [0.5, 0.9]),
+                "train_seconds": {vid: 10.0 + offset}, "reference_train_seconds": 5.0, "config": cfg, "model": "toy",
+                "machine": {"date": f"d{offset}"}, "total_s": 60.0}
+
+    a, b = run("rome", 0.0, "rome"), run("word-scope", 0.1, "word-scope")
+    j = join_variants([a, b])
+    whole = summarise({n: {**a["results"][n], **b["results"][n]} for n in "xy"}, curves, ["rome", "word-scope"],
+                      [0.5, 0.9])
+    for key in ("mean", "mean_bias_curve", "off_curve", "delta", "delta_se"):
+        assert j[key] == whole[key], key
+    assert [v["id"] for v in j["variants"]] == ["rome", "word-scope"]
+    assert j["config"]["ablations"] == ["rome", "word-scope"] and j["total_s"] == 120.0
+    assert set(j["train_seconds"]) == {"rome", "word-scope"} and len(j["joined_from"]) == 2
+    with pytest.raises(PerfusionError, match="renders differently"):
+        join_variants([a, run("word-scope", 0.1, "word-scope", ref=(0.5, 0.61))])
+    with pytest.raises(PerfusionError, match="same instances"):
+        join_variants([a, run("word-scope", 0.1, "word-scope", names="x")])
+    with pytest.raises(PerfusionError, match="in two reports"):
+        join_variants([a, run("rome", 0.1, "rome")])
+    with pytest.raises(PerfusionError, match="differ in seeds"):
+        join_variants([a, {**b, "config": {**b["config"], "seeds": 9}}])
 
 
 def test_covers_counts_each_asked_object():

@@ -14,6 +14,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -410,9 +411,33 @@ def test_train_records_the_profile_recipe_and_warns_of_an_inflated_embedding(pho
     assert "warning: the learned embedding is" in r.stderr and "lower --lr-embedding" in r.stderr
 
 
+def test_word_scope_is_trained_stored_and_rendered(photos, perfusion_home, tmp_path):
+    """train --gate-scope word: the concept records it, inspect shows it, render uses it by default (JSON and PNG
+    metadata say so) and --gate-scope NAME=prompt overrides it."""
+    r = cli("train", photos, "--super", "box", "--name", "myword", "--gate-scope", "word", "--json", *FAST_TRAIN)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["metadata"]["concepts"][0]["training"]["gate_scope"] == "word"
+    assert "scope word" in cli("inspect", "myword").stdout
+    r = cli("render", "a myword on grass", *FAST_RENDER, "--seed", "1", "--json", "-o", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    (rec,) = json.loads(r.stdout)
+    assert rec["concepts"][0]["scope"] == "word"
+    assert "Perfusion word scope: myword" in png_text(rec["path"])["parameters"]
+    r = cli("render", "a myword on grass", *FAST_RENDER, "--seed", "1", "--json", "--gate-scope", "myword=prompt",
+            "-o", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    (rec2,) = json.loads(r.stdout)
+    assert rec2["concepts"][0]["scope"] == "prompt"
+    assert "word scope" not in png_text(rec2["path"])["parameters"]
+    a, b = (np.asarray(Image.open(x["path"])) for x in (rec, rec2))
+    assert (a != b).any(), "the scope changes the render"
+
+
 def test_train_no_key_lock_is_a_perfusion_option(photos, unchanged):
     r = cli("train", photos, "--super", "box", "--name", "mybox", "--method", "ti", "--no-key-lock", *FAST_TRAIN)
     assert_clean_error(r, "--no-key-lock", "Perfusion options")
+    r = cli("train", photos, "--super", "box", "--name", "mybox", "--method", "ti", "--gate-scope", "word", *FAST_TRAIN)
+    assert_clean_error(r, "--gate-scope", "Perfusion options")
 
 
 def test_train_existing_name_needs_force(registry_with_concept, photos, perfusion_home):
@@ -460,6 +485,9 @@ def test_damaged_concept_file(registry_with_concept, perfusion_home, trained_toy
     (["render", "a mybox", *TOY, "--scale", "mybox=0.5"], "use --bias for a Perfusion concept"),
     (["render", "a mybox", *TOY, "--scale", "0.5"], "Perfusion concepts take --bias"),
     (["render", "a mybox", *TOY, "--scale", "-1"], "--scale"),
+    (["render", "a mybox", *TOY, "--gate-scope", "tokens"], "--gate-scope"),
+    (["render", "a mybox", *TOY, "--gate-scope", "other=word"], "which no prompt uses"),
+    (["train", "PHOTOS", "--super", "box", "--name", "fresh", *TOY, "--gate-scope", "all"], "--gate-scope"),
 ])
 def test_invalid_numbers(registry_with_concept, perfusion_home, photos, tmp_path, args, phrase):
     args = [str(photos) if a == "PHOTOS" else a for a in args]

@@ -355,3 +355,73 @@ def test_linear_gate_per_concept_and_stacked():
     torch.testing.assert_close(st.delta_all(p["E"]), le.delta(p["E"]), atol=1e-6, rtol=1e-6)
     # all flags off is exactly the gated edit (no flag tensor at all)
     assert edit.concept_inputs(p["I"], p["Cinv"], BETAS[:n], TAUS[:n], linear=[False, False]).linear is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Token scope (PERFUSION.md §11c): each concept's edit confined to where its scope is 1
+# ----------------------------------------------------------------------------------------------
+
+
+def ref_h_approx_scoped(p: dict, e: torch.Tensor, scope: torch.Tensor, betas, taus) -> torch.Tensor:
+    """h(e_t) = W e_t + Σ_c m_tc [σ((s_c − β_c)/τ_c) o*_c − s_c W i*_c], float64 (the approximate edit, §8)."""
+    e, W = e.double(), p["W"].double()
+    h = e @ W.T
+    for c in range(p["I"].shape[0]):
+        s_c = ref_sim(e, p["I"][c], p["Cinv"])[:, None]
+        m_c = scope[:, c:c + 1].double()
+        h = h + m_c * (ref_gate(s_c, betas[c], taus[c]) * p["O"][c].double() - s_c * (W @ p["I"][c].double()))
+    return h
+
+
+def ref_h_exact_scoped(p: dict, e: torch.Tensor, scope: torch.Tensor, betas, taus) -> torch.Tensor:
+    """At a token where some concept is in scope: W e⊥ + Σ_c m_tc σ((s_c − β_c)/τ_c) o*_c (Gram form of e⊥);
+    elsewhere W e."""
+    e, W = e.double(), p["W"].double()
+    any_c = scope.double().amax(-1, keepdim=True)
+    h = e @ W.T + any_c * ((ref_exact_perp(e, p["I"], p["Cinv"]) - e) @ W.T)
+    for c in range(p["I"].shape[0]):
+        s_c = ref_sim(e, p["I"][c], p["Cinv"])[:, None]
+        h = h + scope[:, c:c + 1].double() * ref_gate(s_c, betas[c], taus[c]) * p["O"][c].double()
+    return h
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_scoped_delta_closed_forms(exact):
+    """Two concepts on 7 tokens with a scope that puts concept 0 on tokens 1-2, concept 1 on token 4, both on
+    token 5 and neither elsewhere: the module's h matches the closed form token by token, tokens out of every
+    scope keep W e exactly, and a scope of ones is the paper's (unscoped) edit."""
+    n, d, m = 2, 24, 10
+    p = random_problem(d, m, n=n, seed=57)
+    scope = torch.zeros(7, n)
+    scope[1:3, 0] = 1
+    scope[4, 1] = 1
+    scope[5, :] = 1
+    inputs = edit.concept_inputs(p["I"], p["Cinv"], BETAS[:n], TAUS[:n], exact=exact)
+    assert inputs.mixed is exact
+    le = edit.layer_edit(p["W"], inputs, p["O"])
+    e = p["E"]
+    h = (e.double() @ p["W"].double().T + le.delta(e, scope).double())
+    ref = (ref_h_exact_scoped if exact else ref_h_approx_scoped)(p, e, scope, BETAS[:n], TAUS[:n])
+    assert_close(h, ref)
+    untouched = scope.sum(-1) == 0
+    assert torch.equal(le.delta(e, scope)[untouched], torch.zeros(int(untouched.sum()), m))
+    # the scope matters: token 1 (concept 0 only) differs from the unscoped edit there
+    assert (le.delta(e, scope)[1] - le.delta(e)[1]).abs().max() > 1e-3
+    assert_close(le.delta(e, torch.ones(7, n)), le.delta(e), rel=1e-6)
+    # the training loop's stacked form agrees, batched
+    st = edit.stacked_edit(p["W"], inputs, p["O"], {("x", "v"): (0, m)})
+    eb, sb = e.reshape(1, 7, d).expand(3, 7, d), scope.expand(3, 7, n)
+    torch.testing.assert_close(st.delta_all(eb, sb), le.delta(eb, sb), atol=1e-6, rtol=1e-6)
+
+
+def test_scoped_delta_gradient_only_from_scoped_tokens():
+    """Training with a word scope: o*'s gradient comes only from the tokens in scope."""
+    d, m = 16, 6
+    p = random_problem(d, m, n=1, seed=58)
+    inputs = edit.concept_inputs(p["I"], p["Cinv"], 0.75, 0.1)
+    O = p["O"].clone().requires_grad_(True)
+    scope = torch.zeros(7, 1)
+    scope[3] = 1
+    edit.layer_edit(p["W"], inputs, O).delta(p["E"], scope).sum().backward()
+    g = torch.sigmoid((ref_sim(p["E"][3], p["I"][0], p["Cinv"]) - 0.75) / 0.1)
+    assert_close(O.grad[0].double(), g.expand(m), rel=1e-5)      # d/do* Σ_j (gate_3 o*_j) = gate_3

@@ -7,7 +7,7 @@ import pytest
 
 from perfusion_cli import patch as P
 from perfusion_cli.edit import ConceptTensors, inverse_covariance
-from perfusion_cli.text import EmbeddingOverride, encode, rewrite, slots_for
+from perfusion_cli.text import EmbeddingOverride, encode, rewrite, slots_for, text_stack
 from tiny_pipelines import TEXT_WIDTH, tiny_pipeline
 
 
@@ -322,3 +322,74 @@ def test_stacked_edit_is_primed_per_input_and_dropped_on_removal():
     assert patch.stacked is None and patch._primed is None
     plain = unet_out(pipe, ehs)
     assert not torch.allclose(plain, first)
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_word_scope_edits_only_the_concept_tokens(kind):
+    """Gate.scope "word" (PERFUSION.md §11c) through a real pipeline call with CFG: in the prompt's row, to_v's
+    output is W e + delta(e) at the concept word's token and W e at every other token; the negative prompt's row is
+    W e throughout. With the paper's scope ("prompt") every token of both rows gets delta(e)."""
+    from perfusion_cli.concept import Concept
+    from perfusion_cli.rendering import Applied, Gate
+
+    pipe = tiny_pipeline(kind)
+    d = TEXT_WIDTH[kind]
+    tensors = random_concept(pipe.unet, d, 12, beta=0.0, tau=0.5)      # β 0: the gate is open on most tokens
+    concept = Concept(name="mycat", supercategory="cat", tensors=tensors,
+                      embeddings=[torch.randn(enc.get_input_embeddings().weight.shape[1],
+                                              generator=torch.Generator().manual_seed(13))
+                                  for _, enc in text_stack(pipe)])
+    C = random_cov(d)
+    name, attn = next(iter(P.cross_attention_layers(pipe.unet).items()))
+    seen = []
+    hv = attn.to_v.register_forward_hook(lambda m, a, o: seen.append((a[0].clone(), o.clone())))
+    ids = pipe.tokenizer("a cat on grass").input_ids
+    at = ids.index(pipe.tokenizer("cat", add_special_tokens=False).input_ids[0])
+    results = {}
+    try:
+        for scope in ("prompt", "word"):
+            seen.clear()
+            with Applied(pipe, [concept], C, gates={"mycat": Gate(0.0, 0.5, scope=scope)}) as ap, torch.no_grad():
+                ap(["a mycat on grass"], num_inference_steps=1, height=16, width=16, guidance_scale=5.0,
+                   generator=torch.Generator().manual_seed(0), output_type="np")
+                edit_v = ap.patch.edits[name][1]
+            e, out = seen[0]                     # the first (cached) call: rows [negative, prompt]
+            results[scope] = (e, out, edit_v)
+    finally:
+        hv.remove()
+    W = attn.to_v.weight
+    e, out, edit_v = results["word"]
+    plain = e @ W.T
+    full = plain + edit_v.delta(e)
+    torch.testing.assert_close(out[0], plain[0])                           # negative prompt: untouched
+    torch.testing.assert_close(out[1, at], full[1, at])                    # the concept's token: edited
+    others = [t for t in range(e.shape[1]) if t != at]
+    torch.testing.assert_close(out[1, others], plain[1, others])           # every other token: untouched
+    assert (full[1, others] - plain[1, others]).abs().max() > 1e-3         # (where the paper's edit acts)
+    e, out, edit_v = results["prompt"]
+    torch.testing.assert_close(out, e @ W.T + edit_v.delta(e))
+
+
+def test_word_scope_training_differs_and_is_recorded(tmp_path):
+    """TrainConfig.gate_scope "word" trains through the scoped edit: o*_V learns something else than with the
+    paper's scope from the same seed, and the concept records the scope it was trained with."""
+    from perfusion_cli.covariance import estimate
+    from perfusion_cli.images import PhotoSet
+    from perfusion_cli.training import Trainer, TrainConfig
+    from perfusion_cli import models
+    from tiny_pipelines import IMAGE_SIZE
+
+    pipe = tiny_pipeline("sd1")
+    C = estimate(pipe, ["a cat on grass", "a red car", "a dog in the snow", "two blue boxes"] * 6)
+    photos = PhotoSet(pixels=torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1,
+                      paths=[tmp_path / "a.png", tmp_path / "b.png"])
+    base = models.BaseModel(pipe=pipe, id="tiny", profile=models.generic_profile(pipe), device=torch.device("cpu"),
+                            dtype=torch.float32)
+    got = {}
+    for scope in ("prompt", "word"):
+        cfg = TrainConfig(steps=3, batch_size=2, grad_accum=1, checkpoint_every=0, templates=["a photo of a {} on grass"],
+                          gate_scope=scope)
+        got[scope] = Trainer(base, "mycat", "cat", inverse_covariance(C), cfg).fit(photos)
+    name = next(iter(got["word"].tensors.value_targets))
+    assert got["word"].training["gate_scope"] == "word" and got["prompt"].training["gate_scope"] == "prompt"
+    assert not torch.allclose(got["word"].tensors.value_targets[name], got["prompt"].tensors.value_targets[name])

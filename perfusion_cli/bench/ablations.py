@@ -16,6 +16,8 @@ change of bias, while one off the curve gains or loses on both.
     global-lock   global instead of local key-locking at render (§4)                     renders only
     train-beta    the gate bias while training, each of cfg.train_betas (TrainConfig:    one training each
                   0.75, §6)
+    word-scope    the edit confined to the concept word's tokens (§11c, not the paper's): renders only, and
+                  at render on the plain concept, and trained that way too               one training
 
 (§: PERFUSION.md.) Library code: prints nothing.
 """
@@ -38,6 +40,7 @@ ABOUT = {
     "one-photo": ("trained on 1 photo", ""),
     "global-lock": ("global key-locking at render", "more varied scenes; suits a lower bias, 0.4-0.6 (§4)"),
     "train-beta": ("gate bias while training", ""),
+    "word-scope": ("edit only at the concept word's tokens", ""),
 }
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189), (140, 86, 75), (227, 119, 194),
            (127, 127, 127), (188, 189, 34), (23, 190, 207))
@@ -51,7 +54,8 @@ class Variant:
     label: str              # for tables and the plot (ASCII: the plot's font has no Greek)
     train: dict | None      # TrainConfig overrides of its own training; None: render-time only, on the plain concept
     photos: int | None = None   # photos it trains on (None: all)
-    render: dict = field(default_factory=dict)  # what changes at render: {"rome": True} or {"global_lock": True}
+    render: dict = field(default_factory=dict)  # what changes at render: {"rome": True}, {"global_lock": True},
+                                                # {"scope": "word"}
 
 
 def variants(cfg) -> list[Variant]:
@@ -66,16 +70,23 @@ def variants(cfg) -> list[Variant]:
                                         render={"global_lock": True})],
         "train-beta": lambda: [Variant(f"train-beta-{b:g}", "train-beta", f"training beta {b:g}", {"train_beta": b})
                                for b in cfg.train_betas],
+        "word-scope": lambda: [Variant("word-scope-render", "word-scope", "word scope at render", None,
+                                       render={"scope": "word"}),
+                               Variant("word-scope", "word-scope", "word scope, trained so", {"gate_scope": "word"},
+                                       render={"scope": "word"})],
     }
     return [v for a in cfg.ablations for v in made[a]()]
 
 
-def _options(concept, rome: bool = False, global_lock: bool = False, beta: float | None = None) -> dict:
-    """rendering.Applied options: the concept at its default gate (or bias `beta`; plain ROME with `rome`)."""
+def _options(concept, rome: bool = False, global_lock: bool = False, beta: float | None = None,
+             scope: str = "prompt") -> dict:
+    """rendering.Applied options: the concept at its default gate (or bias `beta`; plain ROME with `rome`; the edit
+    at the concept word's tokens only with scope "word")."""
     from ..rendering import Gate
 
     t = concept.tensors
-    return {"gates": {WORD: Gate(t.beta if beta is None else beta, t.tau, rome=rome)}, "global_lock": global_lock}
+    return {"gates": {WORD: Gate(t.beta if beta is None else beta, t.tau, rome=rome, scope=scope)},
+            "global_lock": global_lock}
 
 
 def _axes(point: dict) -> dict:
@@ -193,6 +204,48 @@ def merge(reports: list[dict]) -> dict:
     }
 
 
+def join_variants(reports: list[dict]) -> dict:
+    """One ablations report from runs of different ablations on the same instances (an ablation added later joins
+    the report instead of rerunning all the others). Allowed only where the runs rendered the same plain concepts:
+    every instance's reference point must agree image by image (the same code, recipe and seeds train the same
+    concept). Settings other than the ablations must be the same."""
+    first = reports[0]
+    same = [k for k in MERGE_SAME if k not in ("ablations", "train_betas")]
+    ids: list[str] = []
+    for r in reports:
+        diff = [k for k in same if r["config"].get(k) != first["config"].get(k)]
+        if diff or r["model"] != first["model"]:
+            raise PerfusionError(f"ablations reports differ in {', '.join(diff) or 'model'}; only runs of the same "
+                                 "settings join")
+        if set(r["results"]) != set(first["results"]):
+            raise PerfusionError("ablations reports to join must cover the same instances (merge joins instances)")
+        for n, row in r["results"].items():
+            ref, ref0 = row[REFERENCE], first["results"][n][REFERENCE]
+            if any(ref[f"{ax}_per_image"] != ref0[f"{ax}_per_image"] for ax in ("alignment", "fidelity")):
+                raise PerfusionError(f"the plain concept of {n} renders differently in the reports to join (other code "
+                                     "or recipe): rerun every ablation together")
+        twice = [v["id"] for v in r["variants"] if v["id"] in ids]
+        if twice:
+            raise PerfusionError(f"variant(s) {', '.join(twice)} are in two reports")
+        ids += [v["id"] for v in r["variants"]]
+    names = list(first["results"])
+    results = {n: {k: v for r in reports for k, v in r["results"][n].items()} for n in names}
+    ablations = list(dict.fromkeys(a for r in reports for a in r["config"]["ablations"]))
+    betas = next((r["config"]["train_betas"] for r in reports if "train-beta" in r["config"]["ablations"]),
+                 first["config"]["train_betas"])
+    return {
+        **first, "results": results,
+        "variants": [v for r in reports for v in r["variants"]],
+        **summarise(results, first["bias_curves"], ids, first["config"]["biases"]),
+        "train_seconds": {k: v for r in reports for k, v in r["train_seconds"].items()},
+        "config": {**first["config"], "ablations": ablations, "train_betas": betas},
+        "total_s": float(sum(r["total_s"] for r in reports)),
+        "joined_from": [j for r in reports for j in r.get("joined_from") or
+                        [{"ablations": r["config"]["ablations"], "date": r["machine"].get("date"),
+                          "total_s": r["total_s"]}]],
+    }
+
+
 # -- report -------------------------------------------------------------------------------------
 
 def plot(report: dict) -> np.ndarray:
@@ -216,6 +269,10 @@ def markdown(report: dict) -> str:
     if report.get("merged_from"):   # ablations.merge: runs of the same settings on different instances
         runs = "; ".join(f"{', '.join(m['instances'])}: {m['date']}" for m in report["merged_from"])
         merged = f" Measured in {len(report['merged_from'])} runs of the same settings, merged ({runs})."
+    if report.get("joined_from"):   # ablations.join_variants: runs of other ablations on the same instances
+        runs = "; ".join(f"{', '.join(j['ablations'])}: {j['date']}" for j in report["joined_from"])
+        merged += (f" Its ablations were run in {len(report['joined_from'])} runs on the same instances, whose plain "
+                   f"concepts render image for image alike, and joined ({runs}).")
     a(f"{measured(report)}{merged} Instances: {', '.join(c['instances'])}. Each "
       "variant changes one thing against the plain Perfusion concept of the same instance (trained once, shared "
       f"with the methods part) and is rendered at its concept's default gate (β {ref['beta']:g}, "

@@ -61,7 +61,7 @@ PAIR_PROMPTS = (                                    # {a}, {b}: the two concepts
 )
 METHOD_ORDER = ("perfusion", "ti", "dreambooth", "lora", "custom-diffusion")
 PARTS = ("methods", "ablations", "pairs")
-ABLATIONS = ("no-key-lock", "rome", "mask", "one-photo", "global-lock", "train-beta")  # bench/ablations.py
+ABLATIONS = ("no-key-lock", "rome", "mask", "one-photo", "global-lock", "train-beta", "word-scope")  # ablations.py
 COLOURS = {"perfusion": (214, 39, 40), "ti": (31, 119, 180), "dreambooth": (44, 160, 44), "lora": (255, 127, 14),
            "custom-diffusion": (148, 103, 189), "base model": (90, 90, 90)}
 WORD = "myconcept"   # the concept word in prompts: a label only (text.py writes it as its supercategory word)
@@ -113,6 +113,19 @@ def instance_names(spec) -> list[str]:
         raise PerfusionError(f"unknown instance(s) {', '.join(bad)}; use reporting, development or names from "
                              "`perfusion toyworld instances`")
     return names
+
+
+def development_config(names: str, **fields) -> QualityConfig:
+    """The QualityConfig of a script that chooses a setting: `names` (comma-separated) must all be development
+    instances, so that the reporting ones stay unseen until `perfusion bench quality` measures the choice. Fields
+    given as None keep their defaults."""
+    from ..toyworld import world as tw
+
+    chosen = instance_names([n.strip() for n in names.split(",") if n.strip()])
+    seen = sorted({i.name for i in tw.REPORTING_INSTANCES} & set(chosen))
+    if seen:
+        raise PerfusionError(f"{', '.join(seen)} are reporting instances: choose on development ones")
+    return QualityConfig(instances=tuple(chosen), **{k: v for k, v in fields.items() if v is not None})
 
 
 def _unknown(kind: str, given, known) -> None:

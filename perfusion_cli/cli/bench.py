@@ -69,7 +69,7 @@ def quality(
     instances: str = typer.Option("reporting", "--instances", help="reporting, development, or instance names (comma-separated)."),
     methods: str = typer.Option(",".join(("perfusion", "ti", "dreambooth", "lora", "custom-diffusion")), "--methods", help="Methods to compare (comma-separated)."),
     parts: str = typer.Option(None, "--parts", help="Parts to run (comma-separated) [all]: methods (every method's curve: quality.*), ablations (Perfusion's design choices: quality-ablations.*), pairs (two concepts in one image: quality-pairs.*). Each writes its own files; a part trains the concepts it needs."),
-    ablations: str = typer.Option(None, "--ablations", help="The ablations part's variants (comma-separated) [all]: no-key-lock, rome, mask, one-photo, global-lock, train-beta."),
+    ablations: str = typer.Option(None, "--ablations", help="The ablations part's variants (comma-separated) [all]: no-key-lock, rome, mask, one-photo, global-lock, train-beta, word-scope."),
     steps: int = typer.Option(400, "--steps", help="Training steps of every method."),
     seeds: int = typer.Option(2, "--seeds", help="Images per prompt and knob value."),
     quick: bool = typer.Option(False, "--quick", help="One instance, tiny settings (CI: keeps the code path alive; the numbers mean nothing)."),

@@ -93,22 +93,42 @@ def stage_progress(bar: Progress):
     return on_progress
 
 
-def parse_named(values: list[str] | None, label: str, lo: float, hi: float, lo_open: bool = False):
-    """['0.7', 'mycat=0.6'] -> (global value or None, {name: value}); range-checked."""
+def split_named(values: list[str] | None, convert) -> tuple[object, dict[str, object]]:
+    """['X', 'mycat=Y'] -> (convert('X') or None, {'mycat': convert('Y')}): an option given globally and per name.
+    `convert(text, given)` checks one value (given: the whole argument, for its error message)."""
     glob, named = None, {}
     for v in values or []:
-        name, _, num = v.rpartition("=")
-        try:
-            x = float(num)
-        except ValueError:
-            fail(f"{label} {v!r}: expected a number or NAME=NUMBER")
-        if not ((lo < x if lo_open else lo <= x) and x <= hi):
-            fail(f"{label} {v!r}: must be {'>' if lo_open else '≥'} {lo} and ≤ {hi}")
+        name, _, text = v.rpartition("=")
+        x = convert(text, v)
         if name:
             named[name.strip().lower()] = x
         else:
             glob = x
     return glob, named
+
+
+def parse_named(values: list[str] | None, label: str, lo: float, hi: float, lo_open: bool = False):
+    """['0.7', 'mycat=0.6'] -> (global value or None, {name: value}); range-checked."""
+    def number(text: str, given: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            fail(f"{label} {given!r}: expected a number or NAME=NUMBER")
+        if not ((lo < x if lo_open else lo <= x) and x <= hi):
+            fail(f"{label} {given!r}: must be {'>' if lo_open else '≥'} {lo} and ≤ {hi}")
+        return x
+
+    return split_named(values, number)
+
+
+def parse_choice(values: list[str] | None, label: str, choices) -> tuple[str | None, dict[str, str]]:
+    """['word', 'mycat=prompt'] -> (global value or None, {name: value}); each value one of `choices`."""
+    def choice(text: str, given: str) -> str:
+        if text.strip().lower() not in choices:
+            fail(f"{label} {given!r}: expected {' or '.join(choices)}, or NAME={choices[0]}")
+        return text.strip().lower()
+
+    return split_named(values, choice)
 
 
 def emit_json(obj) -> None:

@@ -112,7 +112,8 @@ def inspect(
                   f"{sum(widths)} outputs each for K and V")
     for c in record["concepts"]:
         g = c["gate"]
-        knob = (f"  gate defaults: bias {g['beta']}  temperature {g['tau']}" if g else
+        scope = c["training"].get("gate_scope", "prompt")
+        knob = (f"  gate defaults: bias {g['beta']}  temperature {g['tau']}  scope {scope}" if g else
                 f"  method {c['method']} (a baseline: no gate; docs/methods.md)")
         out.print(f"[bold]concept {c['name']}[/]\n  supercategory {c['supercategory']}\n{knob}")
         t = c["training"]

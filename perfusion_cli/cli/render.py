@@ -10,7 +10,8 @@ from pathlib import Path
 import typer
 
 from . import app
-from .common import device_option, emit_json, event, fail, guarded, model_option, parse_named, progress_bar, say
+from .common import (device_option, emit_json, event, fail, guarded, model_option, parse_choice, parse_named,
+                     progress_bar, say)
 
 
 def read_prompts(prompt: list[str] | None, prompts_file: str | None) -> list[str]:
@@ -35,6 +36,7 @@ def render(
     bias: list[str] = typer.Option(None, "--bias", help="Gate bias β in [0,1]: global, or NAME=VALUE (repeatable). Lower: more concept."),
     temperature: list[str] = typer.Option(None, "--temperature", help="Gate temperature τ: global or NAME=VALUE."),
     scale: list[str] = typer.Option(None, "--scale", help="Strength of LoRA / DreamBooth / Custom Diffusion concepts (1 = as trained): global or NAME=VALUE, 0-4."),
+    gate_scope: list[str] = typer.Option(None, "--gate-scope", help="Where a concept's edit acts: prompt (every token whose encoding opens its gate: the paper) or word (only the concept's own word): global or NAME=SCOPE [the scope it was trained with]."),
     global_lock: bool = typer.Option(False, "--global-lock", help="Keys read the whole prompt with supercategory words (try --bias 0.4-0.6)."),
     approximate: bool = typer.Option(False, "--approximate", help="Sum concepts' edits instead of the exact orthogonal combination."),
     n: int = typer.Option(1, "-n", "--images", help="Images per prompt."),
@@ -55,7 +57,7 @@ def render(
 ):
     """Render prompts; concepts named in a prompt are applied. Prints each written path."""
     from .. import api
-    from ..rendering import Gate, RenderSettings
+    from ..rendering import SCOPES, Gate, RenderSettings, concept_scope
 
     prompts = read_prompts(prompt, prompts_file)
     if not prompts:
@@ -66,6 +68,7 @@ def render(
     g_beta, n_beta = parse_named(bias, "--bias", 0.0, 1.0)
     g_tau, n_tau = parse_named(temperature, "--temperature", 0.0, 1.0, lo_open=True)
     g_scale, n_scale = parse_named(scale, "--scale", *api.SCALE_RANGE)
+    g_scope, n_scope = parse_choice(gate_scope, "--gate-scope", SCOPES)
     gates = {}
     settings = RenderSettings(
         steps=steps or 0, cfg=cfg, negative=negative, height=height or 0, width=width or 0,
@@ -76,16 +79,17 @@ def render(
 
     reg = Registry()
     res = api.resolve_prompts(prompts, reg)
-    for name in set(n_beta) | set(n_tau):
+    for name in set(n_beta) | set(n_tau) | set(n_scope):
         c = res.concepts.get(name)
         if c is None:
-            fail(f"--bias/--temperature name {name!r}, which no prompt uses (prompts use: "
+            fail(f"--bias/--temperature/--gate-scope name {name!r}, which no prompt uses (prompts use: "
                  f"{', '.join(res.concepts) or 'no concept'})")
         if not c.is_perfusion:
-            fail(f"--bias/--temperature {name!r}: a {c.method} concept has no gate (Perfusion concepts only)")
+            fail(f"--bias/--temperature/--gate-scope {name!r}: a {c.method} concept has no gate (Perfusion concepts only)")
         gates[name] = Gate(
             n_beta.get(name, g_beta if g_beta is not None else c.tensors.beta),
             n_tau.get(name, g_tau if g_tau is not None else c.tensors.tau),
+            scope=n_scope.get(name, g_scope if g_scope is not None else concept_scope(c)),
         )
     with progress_bar() as bar:
         tasks = []  # the bar appears with the first batch, not before an early error
@@ -98,7 +102,7 @@ def render(
         written = api.render(
             prompts, out=out, model=model_option(model), device=device_option(device), dtype=dtype,
             settings=settings, gates=gates, beta=g_beta, tau=g_tau, registry=reg,
-            progress=on_progress, on_event=event, scale=g_scale, scales=n_scale,
+            progress=on_progress, on_event=event, scale=g_scale, scales=n_scale, scope=g_scope,
         )
     from ..rendering import process_share
 
