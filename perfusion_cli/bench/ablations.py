@@ -204,12 +204,18 @@ def merge(reports: list[dict]) -> dict:
     }
 
 
-def join_variants(reports: list[dict]) -> dict:
+JOIN_TOLERANCE = 0.02  # largest per-image score difference of the plain concept's renders that two runs may show
+
+
+def join_variants(reports: list[dict], tolerance: float = JOIN_TOLERANCE) -> dict:
     """One ablations report from runs of different ablations on the same instances (an ablation added later joins
     the report instead of rerunning all the others). Allowed only where the runs rendered the same plain concepts:
-    every instance's reference point must agree image by image (the same code, recipe and seeds train the same
-    concept). Settings other than the ablations must be the same."""
+    every instance's reference point must agree image by image within `tolerance` (the same code, recipe and seeds
+    train the same concept; CPU float arithmetic still differs in the last bits between runs, which moved single
+    scores by up to 0.008 when two runs of the toy concepts were compared). The first report's reference points are
+    kept. Settings other than the ablations must be the same."""
     first = reports[0]
+    worst = 0.0
     same = [k for k in MERGE_SAME if k not in ("ablations", "train_betas")]
     ids: list[str] = []
     for r in reports:
@@ -221,15 +227,19 @@ def join_variants(reports: list[dict]) -> dict:
             raise PerfusionError("ablations reports to join must cover the same instances (merge joins instances)")
         for n, row in r["results"].items():
             ref, ref0 = row[REFERENCE], first["results"][n][REFERENCE]
-            if any(ref[f"{ax}_per_image"] != ref0[f"{ax}_per_image"] for ax in ("alignment", "fidelity")):
-                raise PerfusionError(f"the plain concept of {n} renders differently in the reports to join (other code "
-                                     "or recipe): rerun every ablation together")
+            gap = max(float(np.max(np.abs(np.subtract(ref[f"{ax}_per_image"], ref0[f"{ax}_per_image"]))))
+                      for ax in ("alignment", "fidelity"))
+            if gap > tolerance:
+                raise PerfusionError(f"the plain concept of {n} renders differently in the reports to join (a score "
+                                     f"moved {gap:.3f}; other code or recipe?): rerun every ablation together")
+            worst = max(worst, gap)
         twice = [v["id"] for v in r["variants"] if v["id"] in ids]
         if twice:
             raise PerfusionError(f"variant(s) {', '.join(twice)} are in two reports")
         ids += [v["id"] for v in r["variants"]]
     names = list(first["results"])
-    results = {n: {k: v for r in reports for k, v in r["results"][n].items()} for n in names}
+    results = {n: {**{k: v for r in reports for k, v in r["results"][n].items()},
+                   REFERENCE: first["results"][n][REFERENCE]} for n in names}
     ablations = list(dict.fromkeys(a for r in reports for a in r["config"]["ablations"]))
     betas = next((r["config"]["train_betas"] for r in reports if "train-beta" in r["config"]["ablations"]),
                  first["config"]["train_betas"])
@@ -240,6 +250,7 @@ def join_variants(reports: list[dict]) -> dict:
         "train_seconds": {k: v for r in reports for k, v in r["train_seconds"].items()},
         "config": {**first["config"], "ablations": ablations, "train_betas": betas},
         "total_s": float(sum(r["total_s"] for r in reports)),
+        "joined_reference_gap": max(worst, first.get("joined_reference_gap", 0.0)),
         "joined_from": [j for r in reports for j in r.get("joined_from") or
                         [{"ablations": r["config"]["ablations"], "date": r["machine"].get("date"),
                           "total_s": r["total_s"]}]],
@@ -271,8 +282,9 @@ def markdown(report: dict) -> str:
         merged = f" Measured in {len(report['merged_from'])} runs of the same settings, merged ({runs})."
     if report.get("joined_from"):   # ablations.join_variants: runs of other ablations on the same instances
         runs = "; ".join(f"{', '.join(j['ablations'])}: {j['date']}" for j in report["joined_from"])
-        merged += (f" Its ablations were run in {len(report['joined_from'])} runs on the same instances, whose plain "
-                   f"concepts render image for image alike, and joined ({runs}).")
+        merged += (f" Its ablations were run in {len(report['joined_from'])} runs on the same instances and joined "
+                   f"({runs}): the plain concepts' renders agree image by image within "
+                   f"{report.get('joined_reference_gap', 0.0):.3f} in score between the runs.")
     a(f"{measured(report)}{merged} Instances: {', '.join(c['instances'])}. Each "
       "variant changes one thing against the plain Perfusion concept of the same instance (trained once, shared "
       f"with the methods part) and is rendered at its concept's default gate (β {ref['beta']:g}, "
