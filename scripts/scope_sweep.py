@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs/benchmarks/scope-dev-sweep.json")
     args = ap.parse_args()
 
-    from perfusion_cli.bench.pairs import WORDS, _score
+    from perfusion_cli.bench.pairs import WORDS, score_pair
     from perfusion_cli.bench.quality import Bench, development_config
     from perfusion_cli.errors import PerfusionError
     from perfusion_cli.rendering import Applied, Gate
@@ -102,7 +102,7 @@ def main() -> None:
             cs = [replace(concept(n, train), name=w) for n, w in zip((a, b), WORDS)]
             gates = {w: Gate(c.tensors.beta, c.tensors.tau, scope=render) for w, c in zip(WORDS, cs)}
             with Applied(bench.base.pipe, cs, bench.cov.C, gates=gates) as applied:
-                s = _score(bench.images(bench.applied_call(applied), prompts), captions, a, b)
+                s = score_pair(bench.images(bench.applied_call(applied), prompts), captions, a, b)
             row[cell] = {k: v for k, v in s.items()}
             print(f"{a}+{b}", cell, {k: round(v, 3) for k, v in s.items() if isinstance(v, float)}, flush=True)
             save()

@@ -132,7 +132,7 @@ def _renders(bench: Bench, combo: Combination, a: str, b: str) -> list[list[np.n
         return bench.images(bench.applied_call(applied), prompts)
 
 
-def _score(images: list[list[np.ndarray]], captions: list[str], a: str, b: str) -> dict:
+def score_pair(images: list[list[np.ndarray]], captions: list[str], a: str, b: str) -> dict:
     """Recognition of each concept, fidelity to each instance, whether both asked kinds are drawn, and alignment
     of images[prompt][seed]."""
     from ..toyworld import evaluate as ev
@@ -166,12 +166,12 @@ def run_pairs(bench: Bench) -> dict:
         stage = f"pair {a} + {b} ({pi + 1}/{len(pairs)})"
         sup = {n: tw.INSTANCES_BY_NAME[n].supercategory for n in (a, b)}
         captions = [p.format(a=sup[a], b=sup[b]) for p in cfg.pair_prompts]
-        row = {WORLD: _score(world_pairs(a, b, [scene_of(p) for p in cfg.pair_prompts], cfg.seeds, cfg.seed),
+        row = {WORLD: score_pair(world_pairs(a, b, [scene_of(p) for p in cfg.pair_prompts], cfg.seeds, cfg.seed),
                              captions, a, b),
-               "base model": _score(bench.images(bench.base_call(), captions), captions, a, b)}
+               "base model": score_pair(bench.images(bench.base_call(), captions), captions, a, b)}
         for k, combo in enumerate(combos):
             bench.progress(stage, k, len(combos))
-            row[combo.id] = _score(_renders(bench, combo, a, b), captions, a, b)
+            row[combo.id] = score_pair(_renders(bench, combo, a, b), captions, a, b)
         bench.progress(stage, len(combos), len(combos))
         results[f"{a}+{b}"] = row
     ids = [WORLD, "base model", *[c.id for c in combos]]
