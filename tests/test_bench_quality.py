@@ -80,6 +80,13 @@ def test_quick_methods_report(quick_run):
     assert "Quick mode" in text and "quality-quick.png" in text and "The paper's claim" in text
     assert "quality-ablations-quick.md" in text and "quality-pairs-quick.md" in text
     assert "Perfusion at or above ti" in r.stderr
+    noise = report["claim_with_noise"]
+    assert set(noise) == set(report["claim_perfusion_at_or_above"])
+    for m, r_m in noise.items():   # as many matched points as the plain check; quick mode has 1 image: no SE
+        assert len(r_m["matched"]) == report["claim_perfusion_at_or_above"][m]["matched"]
+        assert all(x["verdict"] == "unknown (one image)" for x in r_m["matched"])
+        assert r_m["other_beaten"] == r_m["perfusion_beaten"] == 0
+    assert "with the noise of the renders" in text and "beyond the renders' noise" in r.stderr
 
 
 def _unit(x) -> bool:
@@ -350,3 +357,60 @@ def test_covers_counts_each_asked_object():
 
     assert covers(["cat", "dog", "tree"], ("cat", "dog")) and covers(["cat", "cat"], ("cat", "cat"))
     assert not covers(["cat"], ("cat", "cat")) and not covers([], ("ball",)) and covers([], ())
+
+
+def _point(knob, align, fid):
+    return {"knob": knob, "alignment": float(np.mean(align)), "fidelity": float(np.mean(fid)),
+            "alignment_per_image": list(map(float, align)), "fidelity_per_image": list(map(float, fid))}
+
+
+def test_noise_check_gap_is_the_interpolated_claim_with_its_paired_standard_error():
+    """The matched gap equals `dominance`'s interpolated reading (np.interp on the mean curves) minus the baseline's
+    fidelity, and its SE is the sample standard deviation of the per-image gaps over √n, computed here by hand."""
+    from perfusion_cli.bench.quality import _mean_curves, noise_check
+
+    rng = np.random.default_rng(0)
+    results = {}
+    for name in ("one", "two"):   # two instances, 8 images each
+        base = rng.uniform(0.3, 0.7, 8)
+        results[name] = {
+            "perfusion": [_point(0.5, base * 0 + 0.60 + rng.normal(0, .01, 8), base + 0.2),
+                          _point(0.9, base * 0 + 0.70 + rng.normal(0, .01, 8), base + rng.normal(0, .05, 8))],
+            "other": [_point(100, np.full(8, 0.64), base + 0.05 + rng.normal(0, .02, 8)),
+                      _point(200, np.full(8, 0.95), base)]}   # outside perfusion's alignment range
+    r = noise_check(results, "other")
+    mean = _mean_curves(results, ["perfusion", "other"])
+    pa = sorted((p["alignment"], p["fidelity"]) for p in mean["perfusion"])
+    q = mean["other"][0]
+    expected = np.interp(q["alignment"], [x for x, _ in pa], [y for _, y in pa]) - q["fidelity"]
+    assert len(r["matched"]) == 1 and r["points"] == 2
+    m = r["matched"][0]
+    assert m["knob"] == 100 and m["fidelity_gap"] == pytest.approx(expected, abs=1e-12)
+    a_lo, a_hi = (np.concatenate([results[n]["perfusion"][k]["alignment_per_image"] for n in results]).mean()
+                  for k in (0, 1))
+    w = (q["alignment"] - a_lo) / (a_hi - a_lo)
+    per = [(1 - w) * f0 + w * f1 - fq for n in results for f0, f1, fq in
+           zip(results[n]["perfusion"][0]["fidelity_per_image"], results[n]["perfusion"][1]["fidelity_per_image"],
+               results[n]["other"][0]["fidelity_per_image"])]
+    assert m["se"] == pytest.approx(np.std(per, ddof=1) / np.sqrt(16), rel=1e-9)
+    assert m["verdict"] == ("ahead" if m["fidelity_gap"] > 2 * m["se"] else
+                            "behind" if m["fidelity_gap"] < -2 * m["se"] else "within noise")
+
+
+def test_noise_check_pareto_counts_only_wins_beyond_noise():
+    from perfusion_cli.bench.quality import noise_check, pareto
+
+    rng = np.random.default_rng(1)
+    noise = rng.normal(0, 0.2, 16)
+    results = {"one": {
+        # perfusion's first point is ahead of the other's first by 0.005 on both axes with per-image noise of 0.2:
+        # a Pareto win on the means, not beyond noise; its second point is behind the other's second by 0.1 on
+        # fidelity with identical per-image offsets (SE 0): beaten beyond noise
+        "perfusion": [_point(0.5, 0.6 + noise, 0.6 + noise), _point(0.9, np.full(16, 0.7), 0.3 + noise)],
+        "other": [_point(1, 0.595 + noise[::-1], 0.595 + noise[::-1]), _point(2, np.full(16, 0.7), 0.4 + noise)]}}
+    r = noise_check(results, "other")
+    plain = pareto(results["one"]["perfusion"], results["one"]["other"])
+    assert plain["other_beaten"] >= 1                           # the means alone count the first point as beaten
+    assert (r["other_beaten"], r["perfusion_beaten"]) == (0, 1)
+    older = {"one": {"perfusion": [{"knob": 0.5, "alignment": 0.6, "fidelity": 0.6}], "other": []}}
+    assert noise_check(older, "other") is None                  # reports without per-image scores: no check

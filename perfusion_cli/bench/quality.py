@@ -436,20 +436,26 @@ def run_methods(bench: Bench) -> dict:
         results[name] = inst
     carried = carry_over(bench.reused, cfg, bench.names, results, sizes, train_s) if bench.reused else {}
     methods = [m for m in METHOD_ORDER if m in cfg.methods or m in carried]   # cfg.methods ⊆ METHOD_ORDER
-    mean = _mean_curves(results, methods)
-    claim = {m: dominance(mean["perfusion"], mean[m]) for m in methods if m != "perfusion" and "perfusion" in mean}
-    per_instance_claim = {n: {m: dominance(r["perfusion"], r[m]) for m in methods if m != "perfusion"}
-                          for n, r in results.items() if "perfusion" in r}
     return {
         "knobs": {"perfusion": "gate bias", "lora": "LoRA scale", "ti": "training steps",
                   "dreambooth": "training steps", "custom-diffusion": "training steps"},
         "images_per_point": len(cfg.prompts) * cfg.seeds,
-        "results": results, "mean": mean, "claim_perfusion_at_or_above": claim,
-        "claim_per_instance": per_instance_claim,
+        "results": results, **derived(results, methods),
         "file_bytes": {m: int(np.mean(v)) for m, v in sizes.items() if v},
         "train_seconds": {m: float(np.mean(v)) for m, v in train_s.items() if v},
         "carried_over": carried,
     }
+
+
+def derived(results: dict, methods) -> dict:
+    """What the methods report computes from its per-instance results: the mean curves and the claim checks.
+    Also how a report written before a check existed gets it (scripts/rewrite_reports.py)."""
+    mean = _mean_curves(results, methods)
+    claim = {m: dominance(mean["perfusion"], mean[m]) for m in methods if m != "perfusion" and "perfusion" in mean}
+    return {"mean": mean, "claim_perfusion_at_or_above": claim,
+            "claim_per_instance": {n: {m: dominance(r["perfusion"], r[m]) for m in methods if m != "perfusion"}
+                                   for n, r in results.items() if "perfusion" in r},
+            "claim_with_noise": {m: noise_check(results, m) for m in claim}}
 
 
 def _means(point: dict) -> dict:
@@ -497,6 +503,69 @@ def pareto(perfusion: list[dict], other: list[dict]) -> dict:
     return {"other_beaten": sum(any(beats(p, q) for p in perfusion) for q in other), "other_points": len(other),
             "perfusion_beaten": sum(any(beats(q, p) for q in other) for p in perfusion),
             "perfusion_points": len(perfusion)}
+
+
+def _per_image(results: dict, method: str, k: int, axis: str) -> np.ndarray:
+    """The method's k-th point's scores on `axis`, image by image, every instance's images in turn. Every method
+    renders the same prompts with the same seeds in the same order, so image i is the same prompt and seed for
+    every method and point: differences between two points are paired."""
+    return np.concatenate([np.asarray(r[method][k][f"{axis}_per_image"], dtype=float) for r in results.values()])
+
+
+def _gap(d: np.ndarray) -> tuple[float, float]:
+    """Mean of paired per-image differences and its standard error (their standard deviation over √n)."""
+    return float(d.mean()), (float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan"))
+
+
+NOISE_SE = 2.0   # a difference under 2 standard errors is within the noise of the renders
+
+
+def noise_check(results: dict, other: str, perfusion: str = "perfusion") -> dict | None:
+    """The claim check and the Pareto counts again, with the renders' noise (None where a point lacks per-image
+    scores, as in reports older than them).
+
+    Matched points: at a baseline point q whose mean alignment lies inside Perfusion's mean curve, Perfusion's
+    fidelity is read by linear interpolation between the two bracketing points a, b with weight w (as
+    `dominance` reads it); image by image that is (1 − w)·f_a,i + w·f_b,i − f_q,i, whose mean is the gap and whose
+    standard error says whether it is more than noise. w is held fixed: the SE counts the renders' noise, not the
+    noise in where q's alignment falls, nor the choice of instances.
+
+    Pareto beyond noise: q beats p when its mean is at least p's on both axes and more than `NOISE_SE` standard
+    errors of the paired differences ahead on at least one. With one image per point there is no SE: gaps are
+    "unknown (one image)" and nothing beats anything beyond noise."""
+    n_p = len(next(iter(results.values()))[perfusion])
+    n_q = len(next(iter(results.values()))[other])
+    try:
+        P = {ax: [_per_image(results, perfusion, k, ax) for k in range(n_p)] for ax in ("alignment", "fidelity")}
+        Q = {ax: [_per_image(results, other, k, ax) for k in range(n_q)] for ax in ("alignment", "fidelity")}
+    except KeyError:
+        return None
+    order = sorted(range(n_p), key=lambda k: P["alignment"][k].mean())
+    xs = [P["alignment"][k].mean() for k in order]
+    matched = []
+    for j in range(n_q):
+        a = Q["alignment"][j].mean()
+        if not xs or a < xs[0] or a > xs[-1]:
+            continue
+        i = min(int(np.searchsorted(xs, a, side="right")) - 1, len(xs) - 2) if len(xs) > 1 else 0
+        lo, hi = order[i], order[min(i + 1, len(order) - 1)]
+        span = xs[min(i + 1, len(xs) - 1)] - xs[i]
+        w = (a - xs[i]) / span if span > 0 else 0.0
+        delta, se = _gap((1 - w) * P["fidelity"][lo] + w * P["fidelity"][hi] - Q["fidelity"][j])
+        verdict = ("unknown (one image)" if not np.isfinite(se) else "ahead" if delta > NOISE_SE * se
+                   else "behind" if delta < -NOISE_SE * se else "within noise")
+        matched.append({"knob": next(iter(results.values()))[other][j]["knob"], "alignment": float(a),
+                        "fidelity_gap": delta, "se": se, "verdict": verdict})
+
+    def beats(A, ka, B, kb) -> bool:   # A's point ka beats B's point kb beyond noise
+        gaps = [_gap(A[ax][ka] - B[ax][kb]) for ax in ("alignment", "fidelity")]
+        return all(d >= 0 for d, _ in gaps) and any(d > NOISE_SE * se for d, se in gaps)
+
+    return {"matched": matched, "points": n_q,
+            "not_behind": sum(m["verdict"] != "behind" for m in matched),
+            "other_beaten": sum(any(beats(P, kp, Q, kq) for kp in range(n_p)) for kq in range(n_q)),
+            "perfusion_beaten": sum(any(beats(Q, kq, P, kp) for kq in range(n_q)) for kp in range(n_p)),
+            "perfusion_points": n_p}
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -630,6 +699,27 @@ def markdown(report: dict) -> str:
       "Where Perfusion's curve spans a narrow band of alignment, few baseline points are matched and these "
       "columns are the fairer summary.")
     a("")
+    noise = {m: report.get("claim_with_noise", {}).get(m) or noise_check(report["results"], m)
+             for m in report["claim_perfusion_at_or_above"]}
+    if all(noise.values()):
+        a("### The same, with the noise of the renders")
+        a("")
+        a("Every method renders the same prompts with the same seeds, so the gap between two points is the mean of "
+          "per-image differences over every instance's images, and its standard error (SE) is their standard "
+          f"deviation over √n. A gap under {NOISE_SE:g} SE is within the noise of the renders. The SE counts only "
+          "that noise: the instances are held fixed, and so is where the baseline's alignment falls on Perfusion's "
+          "curve.")
+        a("")
+        a("| baseline | matched points: Perfusion's fidelity − the baseline's, at its alignment | Perfusion not behind "
+          "beyond noise | Pareto beyond noise: its points beaten by Perfusion | Perfusion's points beaten by it |")
+        a("| --- | --- | ---: | ---: | ---: |")
+        for meth, r in noise.items():
+            gaps = "; ".join(f"{m['knob']:g}: {m['fidelity_gap']:+.3f} ± {m['se']:.3f} ({m['verdict']})"
+                             for m in r["matched"]) or "none matched"
+            not_behind = f"{r['not_behind']} of {len(r['matched'])}" if r["matched"] else ""
+            a(f"| {meth} | {gaps} | {not_behind} | {r['other_beaten']} of {r['points']} "
+              f"| {r['perfusion_beaten']} of {r['perfusion_points']} |")
+        a("")
     a("## Per instance")
     a("")
     for name, inst in report["results"].items():
@@ -724,6 +814,10 @@ def summary_lines(reports: dict[str, dict]) -> list[str]:
     for m, r in reports.get("methods", {}).get("claim_perfusion_at_or_above", {}).items():
         share = "n/a" if r["share"] is None else f"{r['share']:.0%}"
         lines.append(f"Perfusion at or above {m} at {r['at_or_above']} of {r['matched']} matched points ({share})")
+        nz = reports["methods"].get("claim_with_noise", {}).get(m)
+        if nz:
+            lines.append(f"  beyond the renders' noise: Perfusion's points beaten by {m}: {nz['perfusion_beaten']} "
+                         f"of {nz['perfusion_points']}; {m}'s beaten by Perfusion: {nz['other_beaten']} of {nz['points']}")
     for vid, dl in reports.get("ablations", {}).get("delta", {}).items():
         lines.append(f"ablation {vid}: alignment {dl['alignment']:+.3f}, fidelity {dl['fidelity']:+.3f} "
                      "against plain Perfusion")
