@@ -65,6 +65,14 @@ class Concept:
     def is_perfusion(self) -> bool:
         return self.method == "perfusion"
 
+    @property
+    def written_as(self) -> str:
+        """The words the concept's name becomes in the prompt the pipeline reads (text.written_as): its
+        supercategory, kept after the concept's token for baselines trained so ("a [V] cat")."""
+        from .text import written_as
+
+        return written_as(self.supercategory, bool(self.training.get("class_noun", False)))
+
 
 @dataclass
 class ConceptSet:

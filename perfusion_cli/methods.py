@@ -5,15 +5,17 @@ the same concept word (written as its supercategory, its embedding swapped in by
 and stores a safetensors concept file the registry and `render` handle like a Perfusion one
 (`Concept.method`, `Concept.weights`). What differs is what is trained (recipes: docs/methods.md):
 
-    ti                 Textual Inversion (Gal et al. 2022): the concept word's embedding only.
+    ti                 Textual Inversion (Gal et al. 2022): the concept word's embedding only ("a S*").
     dreambooth         DreamBooth (Ruiz et al. 2023): every UNet weight, with prior preservation (the base
                        model's own renders of "a <super>" trained alongside, weight 1). The concept word is
-                       a fixed identifier embedding (a rare token's), not trained. Stored as weight deltas.
+                       a fixed identifier (a rare token's embedding, not trained) followed by the class noun:
+                       "a [V] cat". Stored as weight deltas.
     lora               LoRA (Hu et al. 2021) on the UNet's attention projections (to_q, to_k, to_v,
                        to_out.0 of self- and cross-attention), rank 4, as diffusers' DreamBooth-LoRA
-                       script does; fixed identifier embedding. Render knob: the LoRA scale.
+                       script does: "a [V] cat", [V] fixed. Render knob: the LoRA scale.
     custom-diffusion   Custom Diffusion (Kumari et al. 2023): cross-attention to_k / to_v weights and the
-                       concept word's embedding. Stored as weight deltas.
+                       modifier token V*'s embedding (initialised from a rare token's), "a V* cat". Stored as
+                       weight deltas.
 
 Weights are applied by instance-level forward wrappers (LoRA, Custom Diffusion) or by adding deltas in
 place (DreamBooth); `AppliedWeights.remove()` restores the UNet bit for bit in both cases.
@@ -34,6 +36,7 @@ from .patch import install_forward, restore_forwards
 METHODS = ("perfusion", "ti", "dreambooth", "lora", "custom-diffusion")
 BASELINES = METHODS[1:]
 IDENTIFIER_TOKEN = "sks"  # DreamBooth's rare token (one token in CLIP's vocabulary)
+EMBEDDING_INITS = ("supercategory", "identifier")
 
 
 @dataclass
@@ -49,6 +52,10 @@ class MethodConfig:
     prior_weight: float = 1.0     # dreambooth: weight of the prior-preservation loss
     prior_images: int = 16        # dreambooth: base-model renders of "a <super>" (the paper uses 200)
     prior_steps: int = 30         # sampling steps for those renders
+    class_noun: bool = False      # the prompt keeps the supercategory after the concept's token: "a [V] cat"
+                                  # (DreamBooth, LoRA, Custom Diffusion); False: the token replaces it ("a S*")
+    embedding_init: str = "supercategory"  # the token's embedding starts as: "supercategory" (TI, Perfusion) or
+                                           # "identifier", a rare token's (DreamBooth's [V], Custom Diffusion's V*)
     seed: int = 0
     templates: list[str] = field(default_factory=list)
 
@@ -61,16 +68,20 @@ def recipe(method: str, **overrides) -> MethodConfig:
     if method not in BASELINES:
         raise PerfusionError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     base = {
-        # Gal et al.: embedding only, lr 5e-3 (their 0.005 base rate), AdamW
+        # Gal et al.: embedding only, initialised from a word for the class, lr 5e-3 (their 0.005 base rate), AdamW
         "ti": dict(lr=5e-3, lr_embedding=5e-3),
-        # Ruiz et al. / diffusers train_dreambooth.py: lr 5e-6, prior preservation weight 1
-        "dreambooth": dict(lr=5e-6, lr_embedding=0.0, prior_weight=1.0),
-        # diffusers train_dreambooth_lora.py: rank 4, lr 1e-4
-        "lora": dict(lr=1e-4, lr_embedding=0.0, rank=4),
-        # Kumari et al.: K/V lr 1e-5 (per-image rate 1e-5 × batch ~ 4e-5 here), embedding trained alongside
-        "custom-diffusion": dict(lr=4e-5, lr_embedding=1e-3),
+        # Ruiz et al. / diffusers train_dreambooth.py: "a photo of sks dog", lr 5e-6, prior preservation weight 1
+        "dreambooth": dict(lr=5e-6, lr_embedding=0.0, prior_weight=1.0, class_noun=True, embedding_init="identifier"),
+        # diffusers train_dreambooth_lora.py: DreamBooth's prompts, rank 4, lr 1e-4
+        "lora": dict(lr=1e-4, lr_embedding=0.0, rank=4, class_noun=True, embedding_init="identifier"),
+        # Kumari et al.: "photo of a V* dog", V* initialised from a rare token; K/V lr 1e-5 (per-image rate 1e-5 ×
+        # batch ~ 4e-5 here), the embedding trained alongside
+        "custom-diffusion": dict(lr=4e-5, lr_embedding=1e-3, class_noun=True, embedding_init="identifier"),
     }[method]
-    return MethodConfig(method=method, **{**base, **overrides})
+    cfg = MethodConfig(method=method, **{**base, **overrides})
+    if cfg.embedding_init not in EMBEDDING_INITS:
+        raise PerfusionError(f"unknown embedding_init {cfg.embedding_init!r}; choose one of: {', '.join(EMBEDDING_INITS)}")
+    return cfg
 
 
 # -- where the weights go --------------------------------------------------------------------------
@@ -195,7 +206,7 @@ def train_baseline(base, name: str, supercategory: str, photos, cfg: MethodConfi
     snapshots: steps at which on_snapshot(step, concept) receives the concept as it is then (the
     "number of steps" knob of the quality benchmark, from one run)."""
     from .concept import Concept, now
-    from .text import EmbeddingOverride, encode, rewrite, text_stack, word_ids
+    from .text import EmbeddingOverride, encode, rewrite, text_stack, word_ids, written_as
     from .training import Progress, TrainConfig, Trainer
 
     say = on_event or (lambda m: None)
@@ -210,16 +221,18 @@ def train_baseline(base, name: str, supercategory: str, photos, cfg: MethodConfi
     shared.cache_latents(photos)
     templates = shared.templates
     prompts = [t.format(name) for t in templates]
+    words = {name: written_as(supercategory, cfg.class_noun)}   # what the pipeline reads for the concept word
     stack = text_stack(pipe)
     torch.manual_seed(cfg.seed)
     rng = torch.Generator().manual_seed(cfg.seed)
 
     trains_embedding = cfg.method in ("ti", "custom-diffusion")
-    if trains_embedding:   # initialised from the supercategory word, as Perfusion's
-        embeddings = [nn.Parameter(enc.get_input_embeddings().weight[word_ids(tok, supercategory)[0]].detach().float().clone())
-                      for tok, enc in stack]
-    else:                  # a fixed identifier
-        embeddings = [identifier_embedding(tok, enc, cfg.seed).detach() for tok, enc in stack]
+    if cfg.embedding_init == "identifier":   # a rare token's: DreamBooth's [V], Custom Diffusion's V*
+        initial = [identifier_embedding(tok, enc, cfg.seed) for tok, enc in stack]
+    else:                                   # the supercategory word's, as Perfusion's
+        initial = [enc.get_input_embeddings().weight[word_ids(tok, supercategory)[0]].detach().float().clone()
+                   for tok, enc in stack]
+    embeddings = [nn.Parameter(e.detach().float().clone()) if trains_embedding else e.detach() for e in initial]
 
     params: list[dict] = []
     if trains_embedding:
@@ -272,7 +285,7 @@ def train_baseline(base, name: str, supercategory: str, photos, cfg: MethodConfi
         unet.train()
     try:
         for p in prompts:
-            override.add_prompt(p, {name: supercategory})
+            override.add_prompt(p, words)
         override.set_concepts([list(embeddings)])
         if lora:
             applied = AppliedWeights(unet, lora={k: v for k, v in lora.items()})
@@ -284,7 +297,7 @@ def train_baseline(base, name: str, supercategory: str, photos, cfg: MethodConfi
             lat, _, batch_prompts = shared.sample_batch()
             noise = torch.randn(lat.shape, generator=rng).to(device)
             t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0],), generator=rng).to(device)
-            texts = [rewrite(p, {name: supercategory}) for p in batch_prompts]
+            texts = [rewrite(p, words) for p in batch_prompts]
             if prior_lat is not None:
                 k = min(len(prior_lat), lat.shape[0])
                 pick = torch.randint(0, len(prior_lat), (k,), generator=rng)

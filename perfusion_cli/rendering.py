@@ -80,7 +80,7 @@ class Applied:
         for n, g in self.gates.items():
             if g.scope not in SCOPES:
                 raise PerfusionError(f"unknown gate scope {g.scope!r} for {n}; choose one of {', '.join(SCOPES)}")
-        self.supers = {c.name: c.supercategory for c in self.concepts}
+        self.supers = {c.name: c.written_as for c in self.concepts}   # name -> words the pipeline reads
         # Baselines' weights go on first, so that the K/V cache below memoises their outputs too.
         self.weights = []
         try:

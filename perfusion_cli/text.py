@@ -5,6 +5,10 @@ supercategory word ("cat", one token), and a forward hook on each text encoder's
 table swaps the concept's own embedding in at exactly those positions. Token positions therefore
 line up between "mycat on a beach" and "cat on a beach", which is what global locking needs, and a
 pipeline is unchanged once the hooks are gone.
+
+Baselines that keep the class noun after their token (DreamBooth's "a [V] dog": `written_as(..., class_noun=True)`)
+are written as the supercategory twice, "cat cat": the first word's token carries the concept's embedding, the
+second stays the plain class noun.
 """
 
 from __future__ import annotations
@@ -82,6 +86,13 @@ def rewrite(prompt: str, words: dict[str, str]) -> str:
     return re.sub(pattern, lambda m: words[m.group(1).lower()], prompt, flags=re.IGNORECASE)
 
 
+def written_as(supercategory: str, class_noun: bool = False) -> str:
+    """The words a concept word is written as in the prompt the pipeline reads. The first word's token gets the
+    concept's embedding; with class_noun the supercategory follows it as itself ("a [V] cat", DreamBooth's and
+    Custom Diffusion's prompt form)."""
+    return f"{supercategory} {supercategory}" if class_noun else supercategory
+
+
 def token_rows(tokenizer, prompt: str) -> Tensor:
     """The ids row a diffusers pipeline feeds its text encoder for `prompt` (padded, truncated)."""
     return tokenizer(
@@ -107,16 +118,19 @@ class Slot:
 
 
 def slots_for(tokenizer, prompt: str, supers: dict[str, str]) -> list[Slot]:
-    """Token positions of each concept of `supers` (name -> supercategory word) in `prompt`.
+    """Token positions of each concept of `supers` (name -> the words it is written as: `written_as`) in `prompt`.
 
-    Positions are found by difference: the prompt is tokenized with concept c written as its
-    supercategory and once more as another one-token word; the ids differ exactly at c's positions.
+    Positions are found by difference: the prompt is tokenized with concept c written as its words and
+    once more with their first word swapped for another one-token word; the ids differ exactly at the
+    positions that carry c's embedding (a kept class noun after them is not one).
     """
     base_words = dict(supers)
     ids = token_rows(tokenizer, rewrite(prompt, base_words))
     slots = []
-    for j, (name, sup) in enumerate(supers.items()):
-        alt = token_rows(tokenizer, rewrite(prompt, {**base_words, name: _other_word(tokenizer, sup)}))
+    for j, (name, words) in enumerate(supers.items()):
+        first, _, rest = words.partition(" ")
+        other = _other_word(tokenizer, first) + (f" {rest}" if rest else "")
+        alt = token_rows(tokenizer, rewrite(prompt, {**base_words, name: other}))
         mask = ids != alt
         if mask.any():
             slots.append(Slot(ids=ids, mask=mask, concept=j))

@@ -3,6 +3,8 @@ changes renders when applied, and leaves the pipeline bit-identical when removed
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -36,8 +38,37 @@ def trained(toy_base, tmp_path_factory):
 def test_recipes_are_documented_and_checked():
     assert methods.recipe("lora").rank == 4 and methods.recipe("dreambooth").prior_weight == 1.0
     assert methods.recipe("ti").lr_embedding > 0 and methods.recipe("lora").lr_embedding == 0
+    # DreamBooth ("a sks dog"), its LoRA variant and Custom Diffusion ("a V* dog", V* from a rare token) keep the
+    # class noun after their token; Textual Inversion's S* (from the class word) replaces it
+    for m in ("dreambooth", "lora", "custom-diffusion"):
+        assert methods.recipe(m).class_noun and methods.recipe(m).embedding_init == "identifier"
+    assert not methods.recipe("ti").class_noun and methods.recipe("ti").embedding_init == "supercategory"
     with pytest.raises(PerfusionError, match="unknown method"):
         methods.recipe("hypernetwork")
+    with pytest.raises(PerfusionError, match="embedding_init"):
+        methods.recipe("ti", embedding_init="random")
+
+
+def test_training_prompts_keep_the_class_noun(toy_base, tmp_path, monkeypatch):
+    """The texts a baseline trains on are written as its recipe says: "a [V] house" (the pipeline reads "house
+    house", the first one's embedding swapped) with the class noun, "a S*" (one "house") without; the prior
+    preservation prompts are the plain "a house"."""
+    from conftest import draw_photos
+
+    from perfusion_cli import text
+
+    photos = load_photos(draw_photos(tmp_path / "photos"), toy_base.resolution)
+    seen: list[str] = []
+    real = text.encode
+    monkeypatch.setattr(text, "encode", lambda pipe, prompts, device=None: (seen.extend(prompts), real(pipe, prompts, device))[1])
+    for class_noun in (True, False):
+        seen.clear()
+        cfg = methods.recipe("dreambooth", steps=1, batch_size=2, prior_images=1, prior_steps=1, class_noun=class_noun,
+                             templates=["a photo of a {}"])
+        c = methods.train_baseline(toy_base, "mything", "house", photos, cfg)
+        assert c.training["class_noun"] is class_noun
+        assert c.written_as == ("house house" if class_noun else "house")
+        assert seen[:2] == ["a photo of a " + c.written_as] * 2 and seen[2:] == ["a house"]
 
 
 def test_each_method_stores_what_it_trains(trained, toy_base):
@@ -58,6 +89,12 @@ def test_each_method_stores_what_it_trains(trained, toy_base):
     assert not torch.equal(trained["ti"].embeddings[0], sup)
     assert not torch.equal(trained["lora"].embeddings[0], sup)  # the fixed identifier, not the supercategory
     torch.testing.assert_close(trained["lora"].embeddings[0], trained["dreambooth"].embeddings[0])
+    # Custom Diffusion's V* starts from the same rare token and trains
+    ident = methods.identifier_embedding(toy_base.pipe.tokenizer, toy_base.pipe.text_encoder)
+    assert not torch.equal(trained["custom-diffusion"].embeddings[0], ident)
+    torch.testing.assert_close(trained["custom-diffusion"].embeddings[0], ident, atol=0.05, rtol=0)
+    assert {m: c.written_as for m, c in trained.items()} == {
+        "ti": "house", "dreambooth": "house house", "lora": "house house", "custom-diffusion": "house house"}
     # DreamBooth restored the loaded model's weights after training
     assert any(w.abs().max() > 0 for w in trained["dreambooth"].weights.values())
 
@@ -100,7 +137,8 @@ def test_scale_zero_is_the_embedding_alone_and_scale_moves_the_render(trained, t
     for s in (0.0, 0.5, 1.0):
         with Applied(pipe, [c], None, scales={"mything": s}) as a:
             renders[s] = _render(a, "a mything on grass")
-    emb_only = Concept(name="mything", supercategory="house", tensors=None, embeddings=c.embeddings, method="ti")
+    emb_only = Concept(name="mything", supercategory="house", tensors=None, embeddings=c.embeddings, method="ti",
+                       training={"class_noun": c.training["class_noun"]})   # written alike: "a [V] house"
     with Applied(pipe, [emb_only], None) as a:
         ident = _render(a, "a mything on grass")
     np.testing.assert_allclose(renders[0.0], ident, atol=1e-5)
@@ -118,10 +156,14 @@ def test_lora_scale_zero_is_the_identifier_alone(trained, toy_base):
         zero = _render(a0, "a mything on grass")
     from perfusion_cli.concept import Concept
 
-    emb_only = Concept(name="mything", supercategory="house", tensors=None, embeddings=c.embeddings, method="ti")
+    emb_only = Concept(name="mything", supercategory="house", tensors=None, embeddings=c.embeddings, method="ti",
+                       training={"class_noun": True})
     with Applied(pipe, [emb_only], None) as a:
         ident = _render(a, "a mything on grass")
     np.testing.assert_allclose(zero, ident, atol=1e-5)
+    # ... which differs from the identifier without its class noun (the old prompt form: "a [V] on grass")
+    with Applied(pipe, [replace(emb_only, training={})], None) as a:
+        assert not np.allclose(_render(a, "a mything on grass"), zero, atol=1e-3)
 
 
 def test_weights_for_another_unet_are_refused(trained, toy_base):

@@ -7,7 +7,7 @@ import pytest
 
 from perfusion_cli import patch as P
 from perfusion_cli.edit import ConceptTensors, inverse_covariance
-from perfusion_cli.text import EmbeddingOverride, encode, rewrite, slots_for, text_stack
+from perfusion_cli.text import EmbeddingOverride, encode, rewrite, slots_for, text_stack, written_as
 from tiny_pipelines import TEXT_WIDTH, tiny_pipeline
 
 
@@ -232,6 +232,45 @@ def test_slots_and_embedding_override(kind):
     first = cat_positions[0]
     assert torch.equal(with_concept[0, :first], plain[0, :first])   # causal encoder: before is unchanged
     assert not torch.allclose(with_concept[0, first], plain[0, first])
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_a_kept_class_noun_stays_itself(kind):
+    """A concept written with its class noun kept ("a [V] cat": DreamBooth's prompt form) gets its embedding at the
+    first of its two words only; the class noun after it is the plain word, in every tokenizer."""
+    pipe = tiny_pipeline(kind)
+    prompt = "a mycat and a cat near mycat"
+    words = {"mycat": written_as("cat", class_noun=True)}
+    assert words["mycat"] == "cat cat" and written_as("cat") == "cat"
+    assert rewrite(prompt, words) == "a cat cat and a cat near cat cat"
+    stack = [(pipe.tokenizer, pipe.text_encoder)] + ([(pipe.tokenizer_2, pipe.text_encoder_2)] if kind == "sdxl" else [])
+    for tok, _ in stack:
+        (slot,) = slots_for(tok, prompt, words)
+        (cat_id,) = tok("cat", add_special_tokens=False).input_ids
+        cats = [i for i, t in enumerate(slot.ids.tolist()) if t == cat_id]
+        assert len(cats) == 5                          # [V] cat (2), the real cat, [V] cat (2)
+        assert slot.mask.nonzero().flatten().tolist() == [cats[0], cats[3]]
+
+    captured = []
+    vectors = [torch.full((enc.get_input_embeddings().embedding_dim,), 7.0) for _, enc in stack]
+    emb = pipe.text_encoder.get_input_embeddings()
+    with EmbeddingOverride(pipe) as ov:
+        ov.set_concepts([vectors])
+        ov.add_prompt(prompt, words)
+        h = emb.register_forward_hook(lambda m, a, o: captured.append(o.detach().clone()))
+        try:
+            with torch.no_grad():
+                encode(pipe, [rewrite(prompt, words)])
+        finally:
+            h.remove()
+    (slot,) = slots_for(pipe.tokenizer, prompt, words)
+    out = captured[0][0]
+    assert torch.all(out[slot.mask] == 7.0) and not torch.any(out[~slot.mask] == 7.0)
+    (cat_id,) = pipe.tokenizer("cat", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        cat_row = emb(torch.tensor([cat_id]))[0]
+    for i in (1 + slot.mask.nonzero().flatten()).tolist():   # the word after each [V]: the class noun itself
+        torch.testing.assert_close(out[i], cat_row)
 
 
 @pytest.mark.parametrize("kind, n, exact", [("sd1", 1, True), ("sd1", 2, True), ("sd1", 2, False), ("sdxl", 1, True)])

@@ -886,7 +886,7 @@ def _bench_render(base, C, concepts, cfg: SpeedConfig, mem: PeakMemory, sync, ti
 
     pipe, R = base.pipe, base.resolution
     models.set_sampler(pipe, cfg.sampler)
-    supers = {c.name: c.supercategory for c in concepts}
+    supers = {c.name: c.written_as for c in concepts}
     one = f"a photo of a {concepts[0].name} on a beach"
     three = f"a photo of a {concepts[0].name}, a {concepts[1].name} and a {concepts[2].name} on a beach"
     # (label, concepts or None, prompt, options): "plain" is diffusers alone, nothing of perfusion attached
