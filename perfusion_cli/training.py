@@ -26,7 +26,7 @@ from .concept import Concept, now
 from .edit import ConceptTensors, concept_inputs
 from .errors import PerfusionError
 from .images import PhotoSet, load_masks
-from .text import EmbeddingOverride, encode, rewrite, text_stack, word_ids
+from .text import EmbeddingOverride, encode, rewrite, text_stack, word_ids, written_as
 
 DEFAULT_TEMPLATES = [
     "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
@@ -66,6 +66,9 @@ class TrainConfig:
                                   # the concept file then stores the trained o*_K
     gate_scope: str = "prompt"    # where the edit acts while training: "prompt", every token whose encoding opens
                                   # the gate (§2, the paper); "word", only the concept word's tokens (§11c)
+    class_noun: bool = False      # not the paper's (an experiment, §11d): the prompt keeps the supercategory after
+                                  # the concept's token ("a <mycat> cat"), as DreamBooth's prompts do; False: the
+                                  # token takes the word's place (the paper). Rendering follows what was trained
     compile: bool = False         # torch.compile the UNet: its first step compiles (~1 min on a GPU; inductor
                                   # caches it on disk for later runs), later steps run faster (bench speed --compile)
     compile_mode: str = "auto"    # torch.compile's mode: auto | default | max-autotune-no-cudagraphs |
@@ -74,7 +77,7 @@ class TrainConfig:
 
 
 # TrainConfig fields added after checkpoints were first written: a checkpoint without one was made with this value
-_CONFIG_ADDED = {"lock_keys": True, "embedding_max_ratio": None, "gate_scope": "prompt"}
+_CONFIG_ADDED = {"lock_keys": True, "embedding_max_ratio": None, "gate_scope": "prompt", "class_noun": False}
 
 
 COMPILE_MODES = ("auto", "default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
@@ -211,6 +214,7 @@ class Trainer:
         check_config(cfg)
         self.base, self.pipe = base, base.pipe
         self.name, self.super = name, supercategory
+        self.words = {name: written_as(supercategory, cfg.class_noun)}   # what the pipeline reads for the name
         self.cfg = cfg
         self.device = base.device
         self.C_inv = C_inv.to(self.device)
@@ -264,7 +268,7 @@ class Trainer:
 
     # -- model pieces ---------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        enc = encode(self.pipe, [rewrite(p, {self.name: self.super}) for p in prompts], self.device)
+        enc = encode(self.pipe, [rewrite(p, self.words) for p in prompts], self.device)
         return enc.embeds, enc.pooled
 
     def concept_mask(self, prompts: list[str]) -> torch.Tensor:
@@ -325,7 +329,7 @@ class Trainer:
         self.stacked_weights, self.stacked_slices = patching.stack_weights(unet, self.layers)
         try:
             for p in self.prompts:
-                if override.add_prompt(p, {self.name: self.super}) == 0:
+                if override.add_prompt(p, self.words) == 0:
                     raise PerfusionError(f"template {p!r} loses the concept to truncation; shorten it")
             self.slot_masks = [s.mask for s in override.slots[0]]
             placeholder = [[enc.get_input_embeddings().weight[word_ids(tok, self.super)[0]].detach().float()
@@ -524,7 +528,7 @@ class Trainer:
             if meta.get("supercategory") != self.super:
                 raise PerfusionError(f"checkpoint {path} is for --super {meta.get('supercategory')}; drop --resume")
             for key in ("batch_size", "grad_accum", "lr_embedding", "embedding_max_ratio", "lr_value", "flip", "seed",
-                        "lock_keys", "gate_scope"):
+                        "lock_keys", "gate_scope", "class_noun"):
                 saved = saved_cfg.get(key, _CONFIG_ADDED.get(key))
                 if saved != getattr(self.cfg, key):
                     raise PerfusionError(

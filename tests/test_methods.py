@@ -191,6 +191,9 @@ def test_cli_trains_lists_inspects_and_renders_a_baseline(photos, tmp_path):
     info = json.loads(run("inspect", "myhouse", "--json").stdout)
     assert info["concepts"][0]["method"] == "lora" and info["concepts"][0]["gate"] is None
     assert info["concepts"][0]["training"]["rank"] == 4 and info["layers"] == []
+    assert info["concepts"][0]["training"]["class_noun"] is True
+    shown = run("inspect", "myhouse")
+    assert shown.exit_code == 0 and 'read by the model as: "a myhouse house"' in shown.stdout
     out = tmp_path / "r"
     r = run("render", "a myhouse on grass", "-n", "1", "--seed", "1", "--steps", "2", "-o", str(out), "--json")
     assert r.exit_code == 0, r.output
@@ -241,3 +244,22 @@ def test_snapshots_and_an_interrupted_dreambooth_leaves_the_model_as_it_was(toy_
     after = toy_base.pipe.unet.state_dict()
     assert all(torch.equal(after[k], v) for k, v in state.items())
     assert not any(p.requires_grad for p in toy_base.pipe.unet.parameters())
+
+
+def test_cli_class_noun_overrides_the_recipe(photos):
+    """`train --class-noun/--no-class-noun` sets how the concept word is written, for a baseline (against its
+    recipe) and for Perfusion (the paper: off); `inspect --json` shows what was trained."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from perfusion_cli.cli import app
+
+    run = lambda *a: CliRunner().invoke(app, list(a))
+    for name, extra, want in (("lorahouse", ["--method", "lora", "--no-class-noun"], False),
+                              ("perfhouse", ["--class-noun", "--batch-size", "2", "--grad-accum", "1"], True),
+                              ("plainhouse", ["--batch-size", "2", "--grad-accum", "1"], False)):
+        r = run("train", str(photos), "--super", "house", "--name", name, "--model", "toyworld", "--steps", "1", *extra)
+        assert r.exit_code == 0, r.output
+        info = json.loads(run("inspect", name, "--json").stdout)
+        assert info["concepts"][0]["training"]["class_noun"] is want, (name, info["concepts"][0]["training"])

@@ -103,6 +103,32 @@ def test_key_targets_are_locked_and_value_targets_train(tmp_path):
         assert not torch.allclose(concept.tensors.value_targets[name], attn.to_v.weight @ i_super, atol=1e-4)
 
 
+def test_class_noun_keeps_the_word_after_the_concept_and_the_same_lock(tmp_path):
+    """TrainConfig.class_noun (§11d, not the paper's): the model reads "a photo of a <mycat> cat". The keys still
+    lock to i_super, the encoding of "cat" in "a photo of a cat" (the causal encoder's encoding at the concept's
+    position does not see the words after it); the concept renders the way it was trained; resuming with the
+    other setting is refused."""
+    pipe = tiny_pipeline("sd1")
+    C = inverse_covariance(estimate(pipe, PROMPTS))
+    cfg = dict(steps=2, batch_size=2, grad_accum=1, templates=["a photo of a {}"], checkpoint_every=1)
+    concept = Trainer(base_of(pipe), "mycat", "cat", C, TrainConfig(class_noun=True, **cfg)).fit(
+        photo_set(), workdir=tmp_path / "a")
+    assert concept.training["class_noun"] is True and concept.written_as == "cat cat"
+    with torch.no_grad():
+        e = pipe.encode_prompt("a photo of a cat", "cpu", 1, False)[0][0]
+    ids = pipe.tokenizer("a photo of a cat").input_ids
+    i_super = e[ids.index(pipe.tokenizer("cat", add_special_tokens=False).input_ids[0])]
+    for name, attn in P.cross_attention_layers(pipe.unet).items():
+        torch.testing.assert_close(concept.tensors.key_targets[name], attn.to_k.weight @ i_super, rtol=1e-4, atol=1e-5)
+    with Applied(pipe, [concept], C=None, C_inv=C) as applied:
+        assert applied.prepare(["a mycat on grass"]) == ["a cat cat on grass"]
+    plain = Trainer(base_of(pipe), "mycat", "cat", C, TrainConfig(**cfg)).fit(photo_set(), workdir=tmp_path / "b")
+    assert plain.written_as == "cat" and not torch.allclose(plain.tensors.i_star, concept.tensors.i_star)
+    with pytest.raises(PerfusionError, match="class_noun"):
+        Trainer(base_of(pipe), "mycat", "cat", C, TrainConfig(**{**cfg, "steps": 3})).fit(
+            photo_set(), workdir=tmp_path / "a", resume=True)
+
+
 def test_limit_norms_projects_onto_the_ball():
     """limit_norms scales a vector outside the ball back onto it, keeping its direction, and leaves one inside."""
     from perfusion_cli.training import limit_norms

@@ -113,8 +113,12 @@ def inspect(
     for c in record["concepts"]:
         g = c["gate"]
         scope = c["training"].get("gate_scope", "prompt")
+        noun = bool(c["training"].get("class_noun"))
         knob = (f"  gate defaults: bias {g['beta']}  temperature {g['tau']}  scope {scope}" if g else
                 f"  method {c['method']} (a baseline: no gate; docs/methods.md)")
+        if noun or not g:   # how the pipeline reads the name (text.written_as): the token alone, or before its noun
+            written = f"{c['name']} {c['supercategory']}" if noun else c["name"]
+            knob += f"\n  read by the model as: \"a {written}\" (the concept's token{' before the class noun' * noun})"
         out.print(f"[bold]concept {c['name']}[/]\n  supercategory {c['supercategory']}\n{knob}")
         t = c["training"]
         if t:

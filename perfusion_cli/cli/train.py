@@ -38,6 +38,7 @@ def train(
     low_memory: bool = typer.Option(False, "--low-memory", help="Gradient checkpointing in the UNet: less GPU memory, slower."),
     no_key_lock: bool = typer.Option(False, "--no-key-lock", help="Train the key targets o*_K too instead of locking them to the supercategory's: the paper's ablation, which does worse (PERFUSION.md §4); for comparisons only."),
     gate_scope: str = typer.Option("prompt", "--gate-scope", help="Where the edit acts while training, and by default at render: prompt (every token whose encoding opens the gate: the paper) or word (only the concept's own word; β then does little). See docs/benchmarks/README.md."),
+    class_noun: bool = typer.Option(None, "--class-noun/--no-class-noun", help="Keep the supercategory after the concept's token in the prompts the model reads (\"a mycat cat\"), as DreamBooth, LoRA and Custom Diffusion do [their recipes: on; Perfusion (the paper) and TI: off]. Renders follow what was trained. For Perfusion an experiment, not the paper (PERFUSION.md §11d)."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the UNet: the first step compiles it (about two minutes on a GPU, cached on disk for later runs), the others run faster. Pays on a GPU for full-length training (docs/benchmarks)."),
     compile_mode: str = typer.Option(None, "--compile-mode", help="torch.compile mode for --compile (implies it): auto (CUDA graphs, reduce-overhead, on a CUDA GPU without --low-memory; else default), default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs [auto]."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing concept of that name."),
@@ -63,7 +64,7 @@ def train(
         render_beta=beta, render_tau=tau, flip=flip, mask=mask, seed=seed,
         checkpoint_every=checkpoint_every, validate_every=validate_every, templates=list(template or []),
         gradient_checkpointing=low_memory, lock_keys=not no_key_lock, compile=compile_,
-        gate_scope=gate_scope.strip().lower(),
+        gate_scope=gate_scope.strip().lower(), class_noun=class_noun,
         compile_mode=compile_mode.strip().lower() if compile_mode else None,
     )
     method = method.strip().lower()
@@ -76,7 +77,7 @@ def train(
         if resume or mask != "none" or low_memory or no_key_lock or compile_ or gate_scope.strip().lower() != "prompt":
             fail(f"--resume, --mask, --low-memory, --no-key-lock, --gate-scope and --compile(-mode) are Perfusion "
                  f"options; --method {method} does not take them")
-        over = {k: v for k, v in (("steps", steps), ("lr", lr)) if v is not None}
+        over = {k: v for k, v in (("steps", steps), ("lr", lr), ("class_noun", class_noun)) if v is not None}
         if batch_size is not None:
             over["batch_size"] = batch_size
         method_config = methods.recipe(method, seed=seed, templates=list(template or []), **over)
