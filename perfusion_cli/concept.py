@@ -68,7 +68,8 @@ class Concept:
     @property
     def written_as(self) -> str:
         """The words the concept's name becomes in the prompt the pipeline reads (text.written_as): its
-        supercategory, kept after the concept's token for baselines trained so ("a [V] cat")."""
+        supercategory, kept after the concept's token for a concept trained so ("a [V] cat": DreamBooth's,
+        LoRA's and Custom Diffusion's recipes, Perfusion's class_noun experiment)."""
         from .text import written_as
 
         return written_as(self.supercategory, bool(self.training.get("class_noun", False)))

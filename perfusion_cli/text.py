@@ -6,9 +6,9 @@ table swaps the concept's own embedding in at exactly those positions. Token pos
 line up between "mycat on a beach" and "cat on a beach", which is what global locking needs, and a
 pipeline is unchanged once the hooks are gone.
 
-Baselines that keep the class noun after their token (DreamBooth's "a [V] dog": `written_as(..., class_noun=True)`)
-are written as the supercategory twice, "cat cat": the first word's token carries the concept's embedding, the
-second stays the plain class noun.
+A concept that keeps the class noun after its token (DreamBooth's "a [V] dog", and Perfusion trained with
+`TrainConfig.class_noun`: `written_as(..., class_noun=True)`) is written as the supercategory twice, "cat cat": the
+first word's token carries the concept's embedding, the second stays the plain class noun.
 """
 
 from __future__ import annotations
