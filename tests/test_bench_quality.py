@@ -217,6 +217,56 @@ def test_reuse_carries_over_the_methods_not_rerun(quick_run, tmp_path):
     assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
 
 
+def test_reuse_carries_over_the_pairs_of_the_methods_not_rerun(quick_run, tmp_path):
+    """--parts methods,pairs --methods lora --reuse: the pairs report beside the reused methods report gives the
+    Perfusion and TI combinations (nothing of theirs is trained again), LoRA's are rendered anew, the world and
+    base rows are made again; the report says which rows are carried; a pairs report of other settings is refused,
+    and without one beside --reuse every combination is measured."""
+    import shutil
+
+    from test_cli import assert_clean_error
+
+    _, paths, reports = quick_run
+    prev_path = next(p for p in paths if p.name == "quality-quick.json")
+    prev = reports["pairs"]
+    out = tmp_path / "q"
+    r = CliRunner().invoke(app, ["bench", "quality", "--quick", "--parts", "methods,pairs", "--methods", "lora",
+                                 "--reuse", str(prev_path), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "perfusion: training" not in r.stderr and "ti: training" not in r.stderr   # carried, not retrained
+    rep = json.loads((out / "quality-pairs-quick.json").read_text())
+    assert set(rep["carried_over"]) == {"perfusion-exact", "perfusion-approximate", "ti"}
+    pair = next(iter(rep["results"]))
+    for cid in rep["carried_over"]:
+        assert rep["results"][pair][cid] == prev["results"][pair][cid]
+        assert rep["mean"][cid] == pytest.approx(prev["mean"][cid])
+    lora = [c["id"] for c in rep["combinations"] if c["method"] == "lora"]
+    assert lora and all(cid in rep["results"][pair] and cid not in rep["carried_over"] for cid in lora)
+    text = (out / "quality-pairs-quick.md").read_text()
+    assert "Textual Inversion, two tokens** was not measured in this run" in text
+    assert f"--methods lora --reuse {prev_path} --parts pairs" in text
+
+    # a pairs report beside it made with other settings: refused before anything is trained
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(prev_path, other / prev_path.name)
+    bad = {**prev, "config": {**prev["config"], "pair_prompts": ["a {a} and a {b} in space"]}}
+    (other / "quality-pairs-quick.json").write_text(json.dumps(bad))
+    r = CliRunner().invoke(app, ["bench", "quality", "--quick", "--parts", "methods,pairs", "--methods", "lora",
+                                 "--reuse", str(other / prev_path.name), "-o", str(tmp_path / "y")])
+    assert_clean_error(r, "measured with other pair_prompts")
+    assert not (tmp_path / "y").exists()
+
+    # none beside it: said, and every combination measured
+    (other / "quality-pairs-quick.json").unlink()
+    r = CliRunner().invoke(app, ["bench", "quality", "--quick", "--parts", "pairs", "--methods", "lora",
+                                 "--reuse", str(other / prev_path.name), "-o", str(tmp_path / "z")])
+    assert r.exit_code == 0, r.output
+    assert "the pairs part measures every combination" in r.stderr
+    rep = json.loads((tmp_path / "z" / "quality-pairs-quick.json").read_text())
+    assert rep["carried_over"] == {} and "perfusion: training" in r.stderr
+
+
 @pytest.mark.parametrize("args, phrase", [
     (["--methods", "perfusion,hyper"], "unknown method"),
     (["--parts", "methods,nosuch"], "unknown part"),

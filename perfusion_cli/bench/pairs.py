@@ -161,6 +161,7 @@ def run_pairs(bench: Bench) -> dict:
 
     cfg = bench.cfg
     pairs, combos = pair_list(bench.names), combinations(cfg)
+    carried = carried_combinations(bench.reused_pairs, cfg, pairs, combos)
     results: dict[str, dict] = {}
     for pi, (a, b) in enumerate(pairs):
         stage = f"pair {a} + {b} ({pi + 1}/{len(pairs)})"
@@ -171,7 +172,10 @@ def run_pairs(bench: Bench) -> dict:
                "base model": score_pair(bench.images(bench.base_call(), captions), captions, a, b)}
         for k, combo in enumerate(combos):
             bench.progress(stage, k, len(combos))
-            row[combo.id] = score_pair(_renders(bench, combo, a, b), captions, a, b)
+            if combo.id in carried:
+                row[combo.id] = bench.reused_pairs["results"][f"{a}+{b}"][combo.id]
+            else:
+                row[combo.id] = score_pair(_renders(bench, combo, a, b), captions, a, b)
         bench.progress(stage, len(combos), len(combos))
         results[f"{a}+{b}"] = row
     ids = [WORLD, "base model", *[c.id for c in combos]]
@@ -184,7 +188,22 @@ def run_pairs(bench: Bench) -> dict:
         "results": results, "mean": mean,
         "claim": {c.id: {"both_recognised": mean[c.id]["both_recognised"], "goal": GOAL,
                          "met": mean[c.id]["both_recognised"] >= GOAL} for c in combos},
+        "carried_over": carried,
     }
+
+
+def carried_combinations(prev: dict | None, cfg, pairs: list[tuple[str, str]], combos: list[Combination]) -> dict:
+    """{combination id: where it comes from} of the combinations the pairs part copies from the reused pairs report
+    `prev` (quality.load_reused_pairs) instead of rendering: those of methods this run does not measure (not in
+    cfg.methods), when `prev` has them for every pair. The world's and the base model's rows are always made
+    again (nothing is trained for them)."""
+    if prev is None:
+        return {}
+    have = prev["results"]
+    m = prev.get("machine", {})
+    return {c.id: {"report": prev["path"], "measured": m.get("date"), "git_commit": m.get("git_commit")}
+            for c in combos
+            if c.method not in cfg.methods and all(c.id in have.get(f"{a}+{b}", {}) for a, b in pairs)}
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -210,6 +229,11 @@ def markdown(report: dict) -> str:
       f"({' / '.join(report['words'])}), then applied together with the other; {len(c['pair_prompts'])} prompts × "
       f"{c['seeds']} seeds = {report['images_per_pair']} images per pair and combination.")
     a("")
+    for cid, src in report.get("carried_over", {}).items():
+        a(f"**{labels[cid]}** was not measured in this run: its rows are carried over from `{src['report']}` "
+          f"(measured {src.get('measured') or 'earlier'}, commit {src.get('git_commit') or 'unknown'}) with the "
+          "same pairs, prompts, seeds and settings (`--reuse`).")
+        a("")
     a(f"**Recognised**: {report['recognised']}")
     a("")
     a(f"## Both concepts recognised (goal: ≥ {GOAL:.0%} of images), mean over pairs")

@@ -180,6 +180,35 @@ def load_reused(cfg: QualityConfig) -> dict:
     return prev
 
 
+PAIRS_REUSE_MUST_MATCH = REUSE_MUST_MATCH + ("pair_prompts", "pair_lora_scales")
+
+
+def load_reused_pairs(cfg: QualityConfig, prev: dict, say: Callable[[str], None]) -> dict | None:
+    """The pairs report beside the reused methods report `prev` (load_reused): its combinations of the methods
+    this run does not measure are carried over by the pairs part (pairs.run_pairs), so that re-measuring one
+    method's recipe needs no other method's training. None, said through `say`, when there is none beside it;
+    a PerfusionError when it was made with other settings."""
+    path = Path(cfg.reuse).parent / (report_stem("pairs", bool(prev.get("config", {}).get("quick"))) + ".json")
+    if not path.is_file():
+        say(f"no {path.name} beside --reuse {cfg.reuse}: the pairs part measures every combination")
+        return None
+    try:
+        rep = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PerfusionError(f"--reuse: cannot read {path} as a pairs report ({e.__class__.__name__}); "
+                             "move it away to measure every combination") from None
+    if not isinstance(rep, dict) or rep.get("part") != "pairs" or "results" not in rep:
+        raise PerfusionError(f"--reuse: {path} is not a pairs report of `perfusion bench quality`; move it away "
+                             "to measure every combination")
+    now, prev_cfg = asdict(cfg), rep.get("config", {})
+    differ = [k for k in PAIRS_REUSE_MUST_MATCH if k in prev_cfg and _plain(prev_cfg[k]) != _plain(now[k])]
+    if differ:
+        raise PerfusionError(f"--reuse: {path} was measured with other {', '.join(differ)}; move it away to "
+                             "measure every combination")
+    rep["path"] = str(path)
+    return rep
+
+
 def _plain(x):
     return list(x) if isinstance(x, (list, tuple)) else x
 
@@ -230,6 +259,7 @@ class Bench:
         # methods whose concepts later parts reuse: the ablations compare with Perfusion's, the pairs combine
         # Perfusion's, TI's and LoRA's; others (a toy DreamBooth concept is 26 MB) are dropped once rendered
         self.reused: dict | None = None  # the --reuse report (load_reused), set by run_quality
+        self.reused_pairs: dict | None = None  # the pairs report beside it (load_reused_pairs), set by run_quality
         self.kept = ({"perfusion"} if {"ablations", "pairs"} & set(cfg.parts) else set()) | \
                     ({"ti", "lora"} if "pairs" in cfg.parts else set())
 
@@ -380,6 +410,8 @@ def run_quality(config: QualityConfig | None = None, progress: Callable[[str, in
     reused = load_reused(cfg) if cfg.reuse is not None else None   # checked before the model loads
     bench = Bench(cfg, progress or (lambda *a: None), on_event or (lambda m: None))
     bench.reused = reused
+    if reused is not None and "pairs" in cfg.parts:
+        bench.reused_pairs = load_reused_pairs(cfg, reused, bench.say)
     runners = {"methods": run_methods, "ablations": ablations.run_ablations, "pairs": pairs.run_pairs}
     reports = {}
     for part in PARTS:
@@ -749,7 +781,9 @@ def markdown(report: dict) -> str:
 def reproduce(config: dict, part: str) -> str:
     """The command that makes this part's report again."""
     where = " --quick" if config.get("quick") else f" --instances {','.join(config['instances'])}"
-    if part == "methods" and list(config.get("methods", METHOD_ORDER)) != list(METHOD_ORDER):
+    subset = list(config.get("methods", METHOD_ORDER)) != list(METHOD_ORDER)
+    # the pairs part reads --methods only to know which combinations a --reuse carries over
+    if subset and (part == "methods" or (part == "pairs" and config.get("reuse"))):
         where += f" --methods {','.join(config['methods'])}"
         if config.get("reuse"):
             where += f" --reuse {config['reuse']}"

@@ -76,7 +76,7 @@ def quality(
     out: Path = typer.Option(Path("docs/benchmarks"), "-o", "--out", help="Folder for the reports: quality.*, quality-ablations.*, quality-pairs.* (*-quick.* with --quick)."),
     device: str = typer.Option("cpu", "--device", help="cpu (the toy world is sized for it), auto, cuda or mps."),
     json_out: bool = typer.Option(False, "--json", help="Print the JSON reports ({part: report}) on stdout instead of the paths."),
-    reuse: Path = typer.Option(None, "--reuse", help="A previous quality.json: the methods it has and --methods leaves out are carried over into the new methods report (same instances, prompts, seeds and steps required), e.g. to re-measure one method after changing its recipe."),
+    reuse: Path = typer.Option(None, "--reuse", help="A previous quality.json: the methods it has and --methods leaves out are carried over into the new methods report (same instances, prompts, seeds and steps required), e.g. to re-measure one method after changing its recipe; the pairs part likewise carries over those methods' combinations from the quality-pairs.json beside it."),
 ):
     """Perfusion against TI, DreamBooth, LoRA and Custom Diffusion on the toy world (fidelity vs alignment), its
     ablations, and two concepts in one image."""
